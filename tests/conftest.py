@@ -1,0 +1,59 @@
+"""Shared test configuration: hypothesis profiles, and the rule for tests that need real models or data.
+
+Profiles: ``dev`` (default; random examples, fewer of them) and ``ci`` (derandomized: the same examples on
+every run, so a red CI is reproducible). ``HYPOTHESIS_PROFILE`` picks one; ``.ci/run`` sets ``ci``.
+
+Real-model and real-data tests never skip silently in CI: with ``CI=true`` a missing model or data
+directory is a failure that says what is missing; elsewhere it is a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FTSIM_NO_PROGRESS", "1")
+
+settings.register_profile("dev", max_examples=30, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip when ``what`` is missing, except in CI, where it is a failure."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true but {what} is missing: this test must run in CI (see README, Set-up)")
+    pytest.skip(f"{what} is missing")
+
+
+def shared_data_dir() -> Path:
+    """The real text-classification data: $FTSIM_DATA or ../shared/data/text_classification."""
+    env = os.environ.get("FTSIM_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "text_classification"
+
+
+@pytest.fixture
+def real_data_dir() -> Path:
+    path = shared_data_dir()
+    require(path.is_dir() and any(path.iterdir()), f"the real data directory {path}")
+    return path
+
+
+@pytest.fixture
+def results_tmp(tmp_path, monkeypatch) -> Path:
+    """Point $FTSIM_RESULTS and $FTSIM_CACHE at a temporary directory for the test."""
+    monkeypatch.setenv("FTSIM_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("FTSIM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "results"
