@@ -99,7 +99,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             continue
         name = key[4:]
         if name not in allowed:
-            raise SystemExit(f"ftsim generate: --{name.replace('_', '-')} does not apply to preset {args.preset!r}")
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to preset {args.preset!r}")
         params[name] = parse_value(allowed[name][0], value, "--" + name.replace("_", "-"))
     full = {name: params.get(name, default) for name, (_, default) in allowed.items()}
     manifest = write_corpus(

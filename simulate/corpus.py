@@ -196,7 +196,7 @@ def write_corpus(
 
     def pieces() -> Iterator[np.ndarray]:
         """Blocks of the sampler cut at shard boundaries: yields (tokens, states) row ranges."""
-        for block in iter_sample_blocks(model, num_sequences, length, seed):
+        for block in iter_sample_blocks(model, num_sequences, length, seed, workers=min(2, os.cpu_count() or 1)):
             yield block.tokens, block.states
 
     shards: list[dict[str, Any]] = []
@@ -310,6 +310,8 @@ class Corpus:
                 raise CorpusError(f"{self.path / 'manifest.json'}: shard {shard['index']} has no {kind!r} file "
                                   f"(generate with --{kind})")
             path = self.path / shard[kind]["file"]
+            if not path.exists():
+                raise CorpusError(f"{path}: missing (listed in manifest shards[{shard['index']}].{kind})")
             arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
             if arr.shape[0] != shard["rows"]:
                 raise CorpusError(f"{path}: {arr.shape[0]} rows, manifest says {shard['rows']}")

@@ -146,35 +146,63 @@ def _tables(hmm: HMM) -> _Tables:
 
 
 def _sample_block(tabs: _Tables, num: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    # Time-major throughout so each step touches one contiguous (num,) row; one uniform per state and one
-    # per token, drawn up front in a fixed order (the byte-for-byte reproducibility contract).
-    u_state = rng.random((length, num))
-    u_token = rng.random((length, num))
-    states = np.empty((length, num), dtype=np.int32)
-    _draw(tabs.start, np.zeros(num, dtype=np.int32), u_state[0], out=states[0])
+    # Sequence i of the block consumes uniforms [2 T i, 2 T (i + 1)) of the stream (T for its states, then T
+    # for its tokens), so a block's first k sequences do not depend on how many follow (prefix stability).
+    u = rng.random((num, 2, length))
+    # The state chain runs time-major so each step touches one contiguous (num,) row.
+    u_state = np.ascontiguousarray(u[:, 0].T)  # (length, num)
+    states_tm = np.empty((length, num), dtype=np.int32)
+    _draw(tabs.start, np.zeros(num, dtype=np.int32), u_state[0], out=states_tm[0])
     for t in range(1, length):
-        _draw(tabs.trans, states[t - 1], u_state[t], out=states[t])
-    tokens = np.empty((length, num), dtype=np.int32)
-    step = max(1, (1 << 17) // num)  # emissions in cache-sized slabs of time steps
-    for t in range(0, length, step):
-        _draw(tabs.emit, states[t:t + step], u_token[t:t + step], out=tokens[t:t + step])
-    # Narrow first, transpose second: the (num, length) copies move 1-2 bytes per entry, not 4.
-    return (np.ascontiguousarray(tokens.astype(tabs.token_dtype).T),
-            np.ascontiguousarray(states.astype(tabs.state_dtype).T))
+        _draw(tabs.trans, states_tm[t - 1], u_state[t], out=states_tm[t])
+    del u_state
+    # Narrow, then transpose (1-2 bytes per entry); emissions are drawn batch-major from the strided view
+    # u[:, 1] in cache-sized slabs of sequences, so no float array is transposed twice.
+    states = np.ascontiguousarray(states_tm.astype(tabs.state_dtype).T)  # (num, length)
+    del states_tm
+    tokens = np.empty((num, length), dtype=tabs.token_dtype)
+    step = max(1, (1 << 16) // length)
+    for lo in range(0, num, step):
+        tokens[lo:lo + step] = _draw(tabs.emit, states[lo:lo + step], u[lo:lo + step, 1])
+    return tokens, states
 
 
-def iter_sample_blocks(model: HMM | MemoryHMM, num_sequences: int, length: int,
-                       seed: int) -> Iterator[Sample]:
-    """Yield consecutive blocks of ``block_sequences(length)`` sequences (the last may be shorter)."""
+def iter_sample_blocks(model: HMM | MemoryHMM, num_sequences: int, length: int, seed: int,
+                       workers: int = 1) -> Iterator[Sample]:
+    """Yield consecutive blocks of ``block_sequences(length)`` sequences (the last may be shorter).
+
+    With ``workers > 1``, up to ``workers`` blocks are generated ahead in threads (numpy releases the GIL in
+    its array loops); blocks are still yielded in order and are byte-identical to ``workers=1``, since each
+    block has its own seed. At most ``workers + 1`` blocks are alive at once, so memory stays bounded.
+    """
     hmm = model.as_hmm() if isinstance(model, MemoryHMM) else model
     if num_sequences < 0:
         raise ValueError(f"num_sequences must be >= 0, got {num_sequences}")
     per = block_sequences(length)
     tabs = _tables(hmm)
-    for i, lo in enumerate(range(0, num_sequences, per)):
+
+    def block(i: int) -> Sample:
         rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(i,)))
+        lo = i * per
         tokens, states = _sample_block(tabs, min(per, num_sequences - lo), length, rng)
-        yield Sample(tokens, states)
+        return Sample(tokens, states)
+
+    count = -(-num_sequences // per)
+    if workers <= 1 or count <= 1:
+        for i in range(count):
+            yield block(i)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        next_index = 0
+        while next_index < count or pending:
+            while next_index < count and len(pending) < workers:
+                pending.append(pool.submit(block, next_index))
+                next_index += 1
+            yield pending.popleft().result()
 
 
 def sample(model: HMM | MemoryHMM, num_sequences: int, length: int, seed: int) -> Sample:
