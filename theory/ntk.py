@@ -1,0 +1,887 @@
+"""Empirical neural tangent kernels of any torch model: SGD, SignGD and asymmetric SignGD (Adam) kernels.
+
+For a model wrapped as ``f(params, batch) -> (B, C)`` outputs (e.g. the logits of the label words at the prompt
+position) the class-coupled empirical NTK between inputs x1 and x2 is
+
+    K[i, c, j, c'] = < d f_c(x1_i) / d theta , d f_c'(x2_j) / d theta >                     (kernel="sgd")
+
+(Jacot, Gabriel & Hongler 2018). Malladi et al. (2023, "A Kernel-Based View of Language Model Fine-Tuning",
+Sec. 4) show that early Adam training follows SignGD and derive its kernels:
+
+    K^{SignGD}[i, c, j, c']   = < sign d f_c(x1_i), sign d f_c'(x2_j) >                     (kernel="signgd")
+    K^{A-SignGD}[i, c, j, c'] = < d f_c(x1_i),      sign d f_c'(x2_j) >                     (kernel="asigngd")
+
+where x1 is the evaluation side and x2 the training side (the sign acts on the training gradient, which is the
+update direction). ``params_subset`` restricts theta (head only, backbone only, LoRA factors, a mask): the kernel
+of a union of disjoint subsets is the sum of their kernels, so LP-FT decompositions come for free.
+
+Three implementations sit behind ``implementation=`` and are tested against each other and against explicit
+Jacobians:
+
+* ``"jacobian"``  per-example gradients with ``torch.func`` (``vmap`` over examples of ``jacrev`` over the C
+  outputs), all rows materialised, then contracted parameter tensor by parameter tensor. The reference.
+* ``"streaming"`` stores only training-side (x2) gradients -- in tiles when they do not all fit -- and streams
+  the evaluation side (x1) through them in blocks. For a symmetric kernel (x2 = None) every gradient is computed
+  once and only the block lower triangle of products is formed (about half the Gram flops).
+* ``"sketch"``    count-sketches every gradient block to ``sketch_dim`` dims (sign applied *before* sketching
+  for the SignGD kernels). Unbiased; each entry's standard deviation is at most sqrt(2/k) ||g|| ||g'||
+  (``NTKResult.error_bound``; see :mod:`theory.sketch`).
+
+``"auto"`` plans from the memory budget: exact streaming when it fits with at most ``AUTO_MAX_TILES`` tiles,
+otherwise a sketch, and :class:`NTKMemoryError` naming the sizes when nothing fits. The chosen
+:class:`Plan` is returned with the kernel (``result.plan.describe()``).
+
+Products over each parameter tensor (in column chunks of at most ``PRODUCT_CHUNK`` entries) run in the
+gradients' dtype and are accumulated in ``dtype`` (float64 by default). For exact float64 kernels pass float64
+parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+
+import torch
+
+from theory.memory import available_memory, format_bytes
+from theory.sketch import CountSketch, count_sketch, count_sketch_std_bound
+
+__all__ = [
+    "Batch", "ModelFn", "KERNELS", "IMPLEMENTATIONS", "NTKResult", "Plan", "NTKMemoryError",
+    "empirical_ntk", "empirical_ntk_fn", "select_parameters", "batch_size_of", "slice_batch",
+    "AUTO_MAX_TILES", "DEFAULT_SKETCH_DIM", "PRODUCT_CHUNK",
+]
+
+Batch = Union[torch.Tensor, Mapping[str, Any]]
+ModelFn = Callable[[Mapping[str, torch.Tensor], Batch], torch.Tensor]
+
+KERNELS = ("sgd", "signgd", "asigngd")
+IMPLEMENTATIONS = ("jacobian", "streaming", "sketch", "auto")
+PER_EXAMPLE = ("auto", "vmap", "loop")
+
+AUTO_MAX_TILES = 4  # beyond this many recomputations of the x1 gradients "auto" prefers a sketch
+DEFAULT_SKETCH_DIM = 4096  # std <= sqrt(2/4096) = 2.2% of ||g|| ||g'|| per entry
+MAX_BLOCK = 64
+PRODUCT_CHUNK = 1 << 20  # columns per float32 product before accumulation in `dtype`
+SKETCH_CHUNK = 1 << 14  # columns sketched at a time (bounds the signed / cast temporaries)
+_OVERHEAD_BYTES = 1 << 20  # allocator slack, Python objects, small temporaries
+_WORK_FACTOR = 1.25  # safety factor on the per-example working memory estimate
+_GLIBC_MMAP_MAX = 32 << 20  # glibc's largest dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
+
+
+class NTKMemoryError(MemoryError):
+    """The memory budget cannot hold any plan for the requested kernel."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches: a tensor or a mapping of tensors with a common leading dimension N.
+# ---------------------------------------------------------------------------------------------------------------
+
+def batch_size_of(batch: Batch, name: str = "batch") -> int:
+    """Leading dimension N shared by every tensor of ``batch`` (error naming the field that disagrees)."""
+    if isinstance(batch, torch.Tensor):
+        if batch.ndim == 0:
+            raise ValueError(f"{name}: a 0-d tensor has no example dimension")
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        sizes = {k: int(v.shape[0]) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.ndim > 0}
+        if not sizes:
+            raise ValueError(f"{name}: the mapping holds no tensor with an example dimension")
+        n = next(iter(sizes.values()))
+        bad = {k: s for k, s in sizes.items() if s != n}
+        if bad:
+            raise ValueError(f"{name}: tensors disagree on the number of examples: {sizes}")
+        return n
+    raise TypeError(f"{name}: expected a tensor or a mapping of tensors, got {type(batch).__name__}")
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Examples ``start:stop`` of a batch (non-tensor mapping values pass through)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    return {k: (v[start:stop] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in batch.items()}
+
+
+def _batch_to(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _in_dims(batch: Batch):
+    if isinstance(batch, torch.Tensor):
+        return 0
+    return {k: (0 if isinstance(v, torch.Tensor) and v.ndim > 0 else None) for k, v in batch.items()}
+
+
+def _unsqueeze(example: Batch) -> Batch:
+    if isinstance(example, torch.Tensor):
+        return example.unsqueeze(0)
+    return {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else v) for k, v in example.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter subsets
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    names: tuple[str, ...]  # differentiated tensors, in the order of ``params``
+    index: Mapping[str, torch.Tensor | None]  # flat indices of the selected entries (None: all)
+    sizes: Mapping[str, int]  # selected entries per tensor
+    dense_sizes: Mapping[str, int]  # all entries per tensor
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.sizes.values())
+
+
+def select_parameters(params: Mapping[str, torch.Tensor], params_subset=None) -> _Selection:
+    """Resolve ``params_subset`` into the differentiated tensors and the selected entries of each.
+
+    Args:
+        params: name -> tensor.
+        params_subset: ``None`` (all); a name or a sequence of names; a predicate ``name -> bool``; or a mapping
+            name -> boolean mask of the tensor's shape (or a bool for the whole tensor); names absent from the
+            mapping are held constant.
+
+    Returns:
+        The selection (names, flat indices, sizes).
+    """
+    names = list(params)
+    index: dict[str, torch.Tensor | None] = {}
+    if params_subset is None:
+        chosen = names
+    elif isinstance(params_subset, str):
+        chosen = [params_subset]
+    elif isinstance(params_subset, Mapping):
+        chosen = []
+        for name, mask in params_subset.items():
+            if name not in params:
+                raise KeyError(f"params_subset: unknown parameter {name!r}; known: {_some(names)}")
+            if isinstance(mask, bool):
+                if mask:
+                    chosen.append(name)
+                continue
+            mask = torch.as_tensor(mask)
+            if mask.dtype != torch.bool or tuple(mask.shape) != tuple(params[name].shape):
+                raise ValueError(f"params_subset[{name!r}]: expected a bool mask of shape "
+                                 f"{tuple(params[name].shape)}, got {mask.dtype} {tuple(mask.shape)}")
+            idx = mask.reshape(-1).nonzero().reshape(-1)
+            if idx.numel() == 0:
+                continue
+            chosen.append(name)
+            index[name] = None if idx.numel() == mask.numel() else idx.to(params[name].device)
+        chosen = [n for n in names if n in set(chosen)]
+    elif callable(params_subset):
+        chosen = [n for n in names if params_subset(n)]
+    elif isinstance(params_subset, (Sequence, set, frozenset)):
+        unknown = [n for n in params_subset if n not in params]
+        if unknown:
+            raise KeyError(f"params_subset: unknown parameter(s) {unknown}; known: {_some(names)}")
+        wanted = set(params_subset)
+        chosen = [n for n in names if n in wanted]
+    else:
+        raise TypeError(f"params_subset: expected None, names, a predicate or a mask mapping, got "
+                        f"{type(params_subset).__name__}")
+    if not chosen:
+        raise ValueError(f"params_subset selects no parameter entries (parameters: {_some(names)})")
+    dense = {n: int(params[n].numel()) for n in chosen}
+    sizes = {n: (dense[n] if index.get(n) is None else int(index[n].numel())) for n in chosen}
+    return _Selection(tuple(chosen), {n: index.get(n) for n in chosen}, sizes, dense)
+
+
+def _some(names: Sequence[str], k: int = 6) -> str:
+    return ", ".join(map(repr, names[:k])) + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan and result
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What :func:`empirical_ntk` did and why.
+
+    Memory figures are the planner's estimate of memory allocated by the call on top of what is already resident
+    (parameters and inputs); ``memory_budget`` is the limit it planned against.
+    """
+
+    implementation: str
+    requested: str
+    kernel: str
+    num_examples1: int
+    num_examples2: int
+    symmetric: bool
+    num_outputs: int
+    num_params: int
+    num_params_total: int
+    num_tensors: int
+    grad_dtype: str
+    dtype: str
+    device: str
+    batch_size: int
+    tile_size: int
+    num_tiles: int
+    sketch_dim: int | None
+    seed: int | None
+    per_example: str
+    memory_budget: int
+    estimated_peak_bytes: int
+    activation_bytes_per_example: int
+    error: str
+    reason: str
+
+    def describe(self) -> str:
+        """A few human-readable lines: the implementation, sizes, blocks, memory and error."""
+        n2 = "x1 (symmetric)" if self.symmetric else f"N2={self.num_examples2}"
+        lines = [
+            f"eNTK plan: {self.implementation} ({self.error}); kernel {self.kernel}; requested {self.requested}",
+            f"  sizes: N1={self.num_examples1}, {n2}, C={self.num_outputs} outputs, "
+            f"P={self.num_params:,} of {self.num_params_total:,} parameters in {self.num_tensors} tensors",
+            f"  compute: {self.grad_dtype} gradients ({self.per_example} per-example gradients), {self.dtype} "
+            f"accumulation, on {self.device}; blocks of {self.batch_size} examples",
+        ]
+        if self.implementation == "streaming":
+            lines.append(f"  training side stored in {self.num_tiles} tile(s) of <= {self.tile_size} examples"
+                         + (" (x1 recomputed per tile)" if self.num_tiles > 1 else ""))
+        if self.implementation == "sketch":
+            lines.append(f"  count-sketch dim {self.sketch_dim} (seed {self.seed})")
+        act = format_bytes(self.activation_bytes_per_example)
+        lines.append(f"  memory: estimated peak {format_bytes(self.estimated_peak_bytes)} of budget "
+                     f"{format_bytes(self.memory_budget)} (activations ~{act} per example)")
+        lines.append(f"  why: {self.reason}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class NTKResult:
+    """An empirical kernel and how it was computed.
+
+    Attributes:
+        kernel: (N1, C, N2, C) on CPU in ``dtype``; K[i, c, j, c'] as in the module docstring.
+        plan: the :class:`Plan` that produced it.
+        error_bound: for ``"sketch"``, (N1, C, N2, C) bound sqrt(2/k) ||g|| ||g'|| on each entry's standard
+            deviation (norms of the exact, possibly signed, gradients); ``None`` for exact implementations.
+        outputs1: (N1, C) model outputs f(params, x1), a by-product (for the f_0 correction of the solvers).
+        outputs2: (N2, C) outputs at x2 (equal to ``outputs1`` when x2 is None).
+    """
+
+    kernel: torch.Tensor
+    plan: Plan
+    error_bound: torch.Tensor | None = None
+    outputs1: torch.Tensor | None = None
+    outputs2: torch.Tensor | None = None
+
+    def matrix(self) -> torch.Tensor:
+        """The kernel as an (N1*C, N2*C) matrix, rows ordered (example, output)."""
+        n1, c1, n2, c2 = self.kernel.shape
+        return self.kernel.reshape(n1 * c1, n2 * c2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-example gradients
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Gradients:
+    """Per-example Jacobian rows of f for blocks of examples, restricted to the selection.
+
+    ``block(x)`` returns ({name: (n*C, P_name) rows}, (n, C) outputs); row ``i*C + c`` is d f_c(x_i)/d theta.
+    """
+
+    def __init__(self, f: ModelFn, params: Mapping[str, torch.Tensor], selection: _Selection, per_example: str):
+        self.f = f
+        self.selection = selection
+        self.sub = {n: params[n] for n in selection.names}
+        self.const = {n: p for n, p in params.items() if n not in self.sub}
+        self.per_example = per_example
+        self.fallback_reason = ""
+        self.num_outputs: int | None = None
+
+    def _call(self, sub: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        return self.f({**self.const, **sub}, batch)
+
+    def probe(self, example: Batch) -> tuple[int, torch.dtype, int]:
+        """Run f on one example with autograd: check the output shape and measure the activations it saves.
+
+        Returns:
+            (C, output dtype, bytes of tensors saved for backward per example, parameters excluded).
+        """
+        sub = {n: p.detach().requires_grad_(True) for n, p in self.sub.items()}
+        resident = {p.untyped_storage().data_ptr() for p in list(self.sub.values()) + list(self.const.values())}
+        seen: set[int] = set()
+        saved = 0
+
+        def pack(t: torch.Tensor):
+            nonlocal saved
+            try:
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+                return t
+            if ptr not in seen and ptr not in resident:
+                seen.add(ptr)
+                saved += storage.nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = self._call(sub, example)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"f(params, batch) must return a (B, C) tensor of outputs; for a batch of 1 example "
+                             f"it returned {shape}")
+        self.num_outputs = int(out.shape[1])
+        return self.num_outputs, out.dtype, saved
+
+    def _block_vmap(self, x: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        def single(sub, example):
+            out = self._call(sub, _unsqueeze(example))[0]  # (C,)
+            return out, out.detach()
+
+        jac = torch.func.jacrev(single, has_aux=True)
+        grads, outputs = torch.func.vmap(jac, in_dims=(None, _in_dims(x)))(self.sub, x)
+        return grads, outputs  # grads[name]: (n, C, *shape)
+
+    def _block_loop(self, x: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        n = batch_size_of(x)
+        C = self.num_outputs
+        per_name: dict[str, list[torch.Tensor]] = {name: [] for name in self.sub}
+        outputs = []
+        for i in range(n):
+            xi = slice_batch(x, i, i + 1)
+            out, vjp_fn = torch.func.vjp(lambda s: self._call(s, xi)[0], self.sub)
+            outputs.append(out.detach())
+            eye = torch.eye(C, dtype=out.dtype, device=out.device)
+            rows = [vjp_fn(eye[c])[0] for c in range(C)]
+            for name in self.sub:
+                per_name[name].append(torch.stack([r[name] for r in rows]))  # (C, *shape)
+        grads = {}
+        for name in list(per_name):
+            grads[name] = torch.stack(per_name.pop(name))  # (n, C, *shape)
+        return grads, torch.stack(outputs)
+
+    def block(self, x: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if self.per_example == "loop":
+            grads, outputs = self._block_loop(x)
+        elif self.per_example == "vmap":
+            grads, outputs = self._block_vmap(x)
+        else:  # auto: vmap, and fall back to a loop for models vmap cannot batch (data-dependent control flow)
+            try:
+                grads, outputs = self._block_vmap(x)
+                self.per_example = "vmap"
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+                self.fallback_reason = f"vmap failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+                self.per_example = "loop"
+                grads, outputs = self._block_loop(x)
+        rows: dict[str, torch.Tensor] = {}
+        for name in self.selection.names:  # flatten and mask tensor by tensor so only one extra copy is alive
+            g = grads.pop(name)
+            g = g.reshape(g.shape[0] * g.shape[1], -1)  # (n*C, P_dense)
+            idx = self.selection.index[name]
+            rows[name] = g if idx is None else g.index_select(1, idx)
+        return rows, outputs
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sign_a: bool, sign_b: bool) -> None:
+    """out += t(a) @ t(b)^T for row-major (r1, P) and (r2, P) operands, over column chunks, each chunk's product
+    cast to ``out.dtype`` before it is accumulated; ``t`` is sign() where asked.
+
+    The operand with more rows goes on the left: for tall-skinny Gram products MKL's A @ B^T is about twice as
+    fast with the wide block on the left (measured: (128 x P) @ (32 x P)^T 37 ms vs (32 x P) @ (128 x P)^T
+    72 ms for P = 2^18), and it needs no transposed copy of either operand.
+    """
+    cols = a.shape[1]
+    swap = b.shape[0] > a.shape[0]
+    for s in range(0, cols, PRODUCT_CHUNK):
+        e = min(cols, s + PRODUCT_CHUNK)
+        ac, bc = a[:, s:e], b[:, s:e]
+        if sign_a:
+            ac = ac.sign()
+        if sign_b:
+            bc = bc.sign()
+        prod = (bc @ ac.T).T if swap else ac @ bc.T
+        out += prod if prod.dtype == out.dtype else prod.to(out.dtype)
+
+
+def _ranges(n: int, size: int, start: int = 0) -> list[tuple[int, int]]:
+    return [(s, min(start + n, s + size)) for s in range(start, start + n, size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Sizes:
+    n1: int
+    n2: int
+    symmetric: bool
+    C: int
+    P: int  # selected entries
+    P_dense: int  # entries of the differentiated tensors
+    P_max: int  # largest differentiated tensor
+    grad_bytes: int
+    acc_bytes: int
+    act: int  # activation bytes per example
+    cpu: bool = True  # host memory (glibc allocator) rather than a CUDA caching allocator
+
+    @property
+    def row_bytes(self) -> int:
+        """Stored bytes per example (C gradient rows)."""
+        return self.C * self.P * self.grad_bytes
+
+    def work_bytes(self, cast: bool = False) -> int:
+        """Working bytes per example of a gradient block: the dense gradients that vmap returns, one masked (or,
+        with ``cast``, accumulation-dtype) copy of the largest tensor, saved activations and the C backward
+        cotangents."""
+        if cast:  # the sketch signs, casts and multiplies by the hash signs SKETCH_CHUNK columns at a time
+            copy = min(self.P_max, SKETCH_CHUNK) * (self.grad_bytes + 2 * self.acc_bytes)
+        else:
+            copy = self.P_max * self.grad_bytes
+        per = self.C * (self.P_dense * self.grad_bytes + copy) + (1 + self.C) * self.act
+        return int(_WORK_FACTOR * per)
+
+    @property
+    def base_bytes(self) -> int:
+        """The kernel accumulator, outputs and fixed slack."""
+        return (self.n1 * self.C * self.n2 * self.C * self.acc_bytes + (self.n1 + self.n2) * self.C * 8
+                + _OVERHEAD_BYTES)
+
+
+def _default_block(n: int, symmetric_single: bool, s: "_Sizes | None" = None) -> int:
+    # In the symmetric path smaller blocks save product flops (sum over blocks of b*e ~ N^2/2 + N b/2);
+    # elsewhere larger blocks only make vmap more efficient.
+    b = max(1, min(MAX_BLOCK, max(8, math.ceil(n / 4)) if symmetric_single else MAX_BLOCK, n))
+    if s is not None and s.cpu:
+        # glibc serves allocations under 32 MiB from a reusable heap but maps every larger one afresh, paying a
+        # page fault per 4 KiB on first touch (~0.5 s/GB here). Keeping each per-tensor gradient block below that
+        # size halved the per-example-gradient time of the benchmark transformer (4.0 s vs 7.8 s for 64 examples).
+        per_example = s.C * s.P_max * s.grad_bytes
+        fit = (_GLIBC_MMAP_MAX - (1 << 20)) // max(per_example, 1)
+        if fit >= 4:
+            b = min(b, fit)
+    return b
+
+
+def _plan_jacobian(s: _Sizes, budget: int, cap: int | None):
+    stored = (s.n1 if s.symmetric else s.n1 + s.n2) * s.row_bytes
+    b_cap = min(cap or _default_block(max(s.n1, s.n2), False, s), max(s.n1, s.n2))
+    room = budget - s.base_bytes - stored
+    b = min(b_cap, room // s.work_bytes()) if room > 0 else 0
+    if b < 1:
+        return None, s.base_bytes + stored + s.work_bytes()
+    return dict(batch_size=int(b), tile_size=s.n2, num_tiles=1,
+                peak=s.base_bytes + stored + int(b) * s.work_bytes()), None
+
+
+def _plan_streaming(s: _Sizes, budget: int, cap: int | None, kernel: str):
+    if s.symmetric:
+        # asigngd signs chunks of the stored rows on the fly (the store keeps raw gradients for the other side)
+        chunk_tmp = s.C * min(s.P_max, PRODUCT_CHUNK) * s.grad_bytes if kernel == "asigngd" else 0
+        stored = s.n1 * s.row_bytes
+        room = budget - s.base_bytes - stored - s.n1 * chunk_tmp
+        b_cap = min(cap or _default_block(s.n1, True, s), s.n1)
+        b = min(b_cap, room // s.work_bytes()) if room > 0 else 0
+        if b >= 1:
+            return dict(batch_size=int(b), tile_size=s.n1, num_tiles=1,
+                        peak=s.base_bytes + stored + s.n1 * chunk_tmp + int(b) * s.work_bytes()), None
+    chunk_tmp = 0  # the general path stores rows already signed
+    b_cap = min(cap or _default_block(max(s.n1, s.n2), False, s), max(s.n1, s.n2))
+    avail = budget - s.base_bytes
+    best = None
+    for b0 in (min(b_cap, 4), 1):  # reserve a useful block first, then give the rest to the stored tile
+        t = (avail - b0 * s.work_bytes()) // (s.row_bytes + chunk_tmp) if avail > b0 * s.work_bytes() else 0
+        if t >= 1:
+            best = (b0, int(min(t, s.n2)))
+            break
+    minimum = s.base_bytes + s.row_bytes + chunk_tmp + s.work_bytes()
+    if best is None:
+        return None, minimum
+    b0, t = best
+    tiles = math.ceil(s.n2 / t)
+    t = math.ceil(s.n2 / tiles)  # equal tiles use less memory for the same number of passes
+    b = int(max(b0, min(b_cap, (avail - t * (s.row_bytes + chunk_tmp)) // s.work_bytes())))
+    return dict(batch_size=b, tile_size=t, num_tiles=tiles,
+                peak=s.base_bytes + t * (s.row_bytes + chunk_tmp) + b * s.work_bytes()), None
+
+
+def _plan_sketch(s: _Sizes, budget: int, cap: int | None, k: int | None, kernel: str):
+    n_sketch = s.n1 + (s.n2 if (not s.symmetric or kernel == "asigngd") else 0)
+    hash_tmp = s.P_max * (8 + s.grad_bytes)
+    b_cap = min(cap or _default_block(max(s.n1, s.n2), False, s), max(s.n1, s.n2))
+    dims = [k] if k is not None else [DEFAULT_SKETCH_DIM >> i for i in range(7)]  # 4096 ... 64
+    need_min = None
+    for dim in dims:
+        fixed = s.base_bytes + n_sketch * s.C * dim * s.acc_bytes + hash_tmp
+        room = budget - fixed
+        b = min(b_cap, room // s.work_bytes(cast=True)) if room > 0 else 0
+        if b >= 1:
+            return dict(batch_size=int(b), tile_size=s.n2, num_tiles=1, sketch_dim=int(dim),
+                        peak=fixed + int(b) * s.work_bytes(cast=True)), None
+        need_min = fixed + s.work_bytes(cast=True)
+    return None, need_min
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------------------------
+
+def empirical_ntk(
+    f: ModelFn,
+    params: Mapping[str, torch.Tensor],
+    x1: Batch,
+    x2: Batch | None = None,
+    *,
+    kernel: str = "sgd",
+    params_subset=None,
+    implementation: str = "auto",
+    memory_budget: int | None = None,
+    sketch_dim: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    per_example: str = "auto",
+) -> NTKResult:
+    """The class-coupled empirical NTK (or a SignGD kernel) of ``f`` at ``params`` between x1 and x2.
+
+    Args:
+        f: ``f(params, batch) -> (B, C)`` outputs; call ``torch.func.functional_call(model, params, ...)`` inside.
+            Must be deterministic (eval mode: no dropout).
+        params: name -> tensor, e.g. ``dict(model.named_parameters())`` (detached internally).
+        x1: evaluation-side batch (tensor or mapping of tensors with leading dim N1).
+        x2: training-side batch (N2); ``None`` means x2 = x1 and exploits symmetry where the kernel has it.
+        kernel: ``"sgd"`` <g, g'>, ``"signgd"`` <sign g, sign g'>, ``"asigngd"`` <g(x1), sign g(x2)>.
+        params_subset: theta restricted to names / a predicate / boolean masks (see :func:`select_parameters`).
+        implementation: ``"jacobian"``, ``"streaming"``, ``"sketch"`` or ``"auto"`` (see the module docstring).
+        memory_budget: bytes the call may allocate on ``device`` on top of resident parameters and inputs;
+            default half of the currently available memory.
+        sketch_dim: k for the sketch (default: the largest of 4096, 2048, ..., 64 that fits).
+        seed: seed of the sketch's hashes.
+        batch_size: the most examples per per-example-gradient block (default: chosen by the planner).
+        dtype: accumulation and output dtype.
+        device: where to compute (default: the parameters' device); the kernel is returned on CPU.
+        progress: show a tqdm bar over gradient blocks.
+        per_example: ``"vmap"`` (batched ``torch.func``), ``"loop"`` (one example at a time), or ``"auto"``
+            (vmap, falling back to the loop for models that vmap cannot batch).
+
+    Returns:
+        :class:`NTKResult` with ``kernel`` (N1, C, N2, C) and the ``plan``.
+
+    Raises:
+        NTKMemoryError: when no plan fits ``memory_budget``; the message names N1, N2, C, P and the bytes needed.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if per_example not in PER_EXAMPLE:
+        raise ValueError(f"per_example must be one of {PER_EXAMPLE}, got {per_example!r}")
+    if sketch_dim is not None and sketch_dim < 1:
+        raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not params:
+        raise ValueError("params is empty")
+
+    selection = select_parameters(params, params_subset)
+    dev = torch.device(device) if device is not None else params[selection.names[0]].device
+    params = {n: p.detach().to(dev) for n, p in params.items()}
+    symmetric = x2 is None
+    x1 = _batch_to(x1, dev)
+    x2 = x1 if symmetric else _batch_to(x2, dev)
+    n1 = batch_size_of(x1, "x1")
+    n2 = n1 if symmetric else batch_size_of(x2, "x2")
+
+    grads = _Gradients(f, params, selection, per_example)
+    C, out_dtype, act = grads.probe(slice_batch(x1, 0, 1))
+    grad_dtype = params[selection.names[0]].dtype
+    sizes = _Sizes(n1=n1, n2=n2, symmetric=symmetric, C=C, P=selection.num_params,
+                   P_dense=sum(selection.dense_sizes.values()), P_max=max(selection.dense_sizes.values()),
+                   grad_bytes=torch.empty((), dtype=grad_dtype).element_size(),
+                   acc_bytes=torch.empty((), dtype=dtype).element_size(), act=act, cpu=dev.type == "cpu")
+    budget = int(memory_budget) if memory_budget is not None else available_memory(dev) // 2
+    plan = _make_plan(sizes, budget, implementation, kernel, batch_size, sketch_dim, seed, selection, params,
+                      grad_dtype, dtype, dev, per_example)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = _num_blocks(plan)
+        bar = tqdm(total=total, desc=f"eNTK ({plan.implementation})", unit="block")
+        bar.write(plan.describe())
+    runner = {"jacobian": _run_jacobian, "streaming": _run_streaming, "sketch": _run_sketch}[plan.implementation]
+    K, bound, out1, out2 = runner(grads, plan, x1, x2, kernel, dtype, bar)
+    if bar is not None:
+        bar.close()
+    per = grads.per_example if grads.per_example != "auto" else "vmap"
+    if grads.fallback_reason:
+        plan = dataclasses.replace(plan, per_example=per, reason=plan.reason + f"; per-example loop: "
+                                   f"{grads.fallback_reason}")
+    else:
+        plan = dataclasses.replace(plan, per_example=per)
+    shape = (n1, C, n2, C)
+    return NTKResult(
+        kernel=K.reshape(shape).cpu(), plan=plan,
+        error_bound=None if bound is None else bound.reshape(shape).cpu(),
+        outputs1=out1.cpu(), outputs2=out2.cpu(),
+    )
+
+
+def empirical_ntk_fn(f: ModelFn, **options) -> Callable[..., NTKResult]:
+    """A closure ``ntk(params, x1, x2=None, **more) -> NTKResult`` with ``options`` fixed (neural-tangents style)."""
+
+    def ntk(params: Mapping[str, torch.Tensor], x1: Batch, x2: Batch | None = None, **more) -> NTKResult:
+        return empirical_ntk(f, params, x1, x2, **{**options, **more})
+
+    return ntk
+
+
+def _make_plan(s: _Sizes, budget: int, implementation: str, kernel: str, cap: int | None, k: int | None,
+               seed: int, sel: _Selection, params, grad_dtype, dtype, dev, per_example: str) -> Plan:
+    exact = _plan_streaming(s, budget, cap, kernel)
+    chosen, reason, choice = None, "", None
+    if implementation == "jacobian":
+        choice, need = _plan_jacobian(s, budget, cap)
+        chosen, reason = "jacobian", "requested: every gradient row materialised"
+        if choice is None:
+            _raise_budget(s, budget, kernel, f"implementation='jacobian' needs at least {format_bytes(need)}")
+    elif implementation == "streaming":
+        choice, need = exact
+        chosen, reason = "streaming", "requested"
+        if choice is None:
+            _raise_budget(s, budget, kernel, f"exact streaming needs at least {format_bytes(need)}")
+    elif implementation == "sketch":
+        choice, need = _plan_sketch(s, budget, cap, k, kernel)
+        chosen, reason = "sketch", "requested"
+        if choice is None:
+            _raise_budget(s, budget, kernel, f"a sketch of dim {k or 64} needs at least {format_bytes(need)}")
+    else:
+        choice, need_exact = exact
+        if choice is not None and choice["num_tiles"] <= AUTO_MAX_TILES:
+            chosen = "streaming"
+            reason = ("all training-side gradients fit the budget" if choice["num_tiles"] == 1 else
+                      f"training-side gradients fit in {choice['num_tiles']} tiles (<= {AUTO_MAX_TILES})")
+        else:
+            sk, need_sketch = _plan_sketch(s, budget, cap, k, kernel)
+            if sk is not None:
+                chosen, choice = "sketch", sk
+                reason = ("exact streaming needs " + (f"{exact[0]['num_tiles']} tiles (> {AUTO_MAX_TILES})"
+                          if exact[0] is not None else f"{format_bytes(need_exact)} (> budget)"))
+            elif choice is not None:
+                chosen = "streaming"
+                reason = f"a sketch does not fit; exact streaming in {choice['num_tiles']} tiles"
+            else:
+                _raise_budget(s, budget, kernel, f"exact streaming needs at least {format_bytes(need_exact)} and "
+                                                 f"a sketch of dim {k or 64} at least {format_bytes(need_sketch)}")
+    if cap is not None and choice["batch_size"] < cap:
+        reason += f"; batch_size reduced from {cap} to {choice['batch_size']} to fit the budget"
+    dim = choice.get("sketch_dim")
+    if chosen == "sketch":
+        error = (f"count-sketch: unbiased, per-entry std <= sqrt(2/{dim})*||g||*||g'|| = "
+                 f"{math.sqrt(2 / dim):.3g}*||g||*||g'||")
+    else:
+        error = f"exact up to {str(grad_dtype).replace('torch.', '')} rounding"
+    return Plan(
+        implementation=chosen, requested=implementation, kernel=kernel, num_examples1=s.n1, num_examples2=s.n2,
+        symmetric=s.symmetric, num_outputs=s.C, num_params=s.P,
+        num_params_total=sum(int(p.numel()) for p in params.values()), num_tensors=len(sel.names),
+        grad_dtype=str(grad_dtype).replace("torch.", ""), dtype=str(dtype).replace("torch.", ""), device=str(dev),
+        batch_size=choice["batch_size"], tile_size=choice["tile_size"], num_tiles=choice["num_tiles"],
+        sketch_dim=dim, seed=seed if chosen == "sketch" else None, per_example=per_example,
+        memory_budget=budget, estimated_peak_bytes=int(choice["peak"]), activation_bytes_per_example=s.act,
+        error=error, reason=reason,
+    )
+
+
+def _raise_budget(s: _Sizes, budget: int, kernel: str, detail: str) -> None:
+    raise NTKMemoryError(
+        f"memory budget {format_bytes(budget)} is too small for the {kernel} eNTK of N1={s.n1}, N2={s.n2} "
+        f"examples, C={s.C} outputs and P={s.P:,} parameters ({s.grad_bytes}-byte gradients: "
+        f"{format_bytes(s.row_bytes)} per example, {format_bytes(s.work_bytes())} working memory per example, "
+        f"{format_bytes(s.base_bytes)} for the kernel itself): {detail}. Raise memory_budget, restrict "
+        f"params_subset, or use implementation='sketch' with a smaller sketch_dim.")
+
+
+def _num_blocks(plan: Plan) -> int:
+    b = plan.batch_size
+    n1b, n2b = math.ceil(plan.num_examples1 / b), math.ceil(plan.num_examples2 / b)
+    if plan.implementation == "streaming":
+        return n1b if (plan.symmetric and plan.num_tiles == 1) else n2b + plan.num_tiles * n1b
+    return n1b if plan.symmetric else n1b + n2b
+
+
+def _tick(bar) -> None:
+    if bar is not None:
+        bar.update(1)
+
+
+def _blocks(grads: _Gradients, x: Batch, n: int, b: int, start: int = 0, stop: int | None = None,
+            bar=None) -> Iterator[tuple[int, int, dict[str, torch.Tensor], torch.Tensor]]:
+    stop = n if stop is None else stop
+    for s, e in _ranges(stop - start, b, start):
+        rows, out = grads.block(slice_batch(x, s, e))
+        _tick(bar)
+        yield s, e, rows, out
+
+
+def _signs(kernel: str) -> tuple[bool, bool]:
+    """(sign on the x1 side, sign on the x2 side)."""
+    return {"sgd": (False, False), "signgd": (True, True), "asigngd": (False, True)}[kernel]
+
+
+def _run_jacobian(grads, plan, x1, x2, kernel, dtype, bar):
+    C = plan.num_outputs
+    sa, sb = _signs(kernel)
+
+    def materialise(x, n):
+        rows = {name: None for name in grads.selection.names}
+        outs = []
+        for s, e, block, out in _blocks(grads, x, n, plan.batch_size, bar=bar):
+            for name, g in block.items():
+                if rows[name] is None:
+                    rows[name] = torch.empty(n * C, g.shape[1], dtype=g.dtype, device=g.device)
+                rows[name][s * C:e * C] = g
+            outs.append(out)
+        return rows, torch.cat(outs)
+
+    J1, out1 = materialise(x1, plan.num_examples1)
+    J2, out2 = (J1, out1) if plan.symmetric else materialise(x2, plan.num_examples2)
+    K = torch.zeros(plan.num_examples1 * C, plan.num_examples2 * C, dtype=dtype, device=out1.device)
+    for name in grads.selection.names:
+        _accumulate(K, J1[name], J2[name], sa, sb)
+    return K, None, out1, out2
+
+
+def _run_streaming(grads, plan, x1, x2, kernel, dtype, bar):
+    C, b = plan.num_outputs, plan.batch_size
+    n1, n2 = plan.num_examples1, plan.num_examples2
+    sa, sb = _signs(kernel)
+    names = grads.selection.names
+    sizes = grads.selection.sizes
+    K = None
+
+    def new_store(rows: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        # One contiguous (rows, P_name) matrix per tensor: a block is contracted against every stored row in one
+        # product per tensor, which reads the store once per block (not once per pair of blocks).
+        return {name: torch.empty(rows, sizes[name], dtype=like.dtype, device=like.device) for name in names}
+
+    if plan.symmetric and plan.num_tiles == 1:
+        store = None
+        outs = []
+        for s, e, block, out in _blocks(grads, x1, n1, b, bar=bar):
+            if K is None:
+                K = torch.zeros(n1 * C, n2 * C, dtype=dtype, device=out.device)
+                store = new_store(n1 * C, block[names[0]])
+            outs.append(out)
+            rows, done, before = slice(s * C, e * C), slice(0, e * C), slice(0, s * C)
+            last = e == n1  # the last block is never read again: contract it in place, skip its copy
+            for name in names:
+                g = block.pop(name)  # (b*C, P_name)
+                if kernel == "signgd":  # both sides signed: store the signed rows once
+                    g = g.sign_()
+                if last:
+                    new, upto = g, store[name][before]
+                else:
+                    store[name][rows] = g
+                    new, upto = store[name][rows], store[name][done]
+                del g
+                if kernel == "asigngd":  # not symmetric: K[I, :e] = <g_I, sign g_:e>, K[:s, I] = <g_:s, sign g_I>
+                    if last:
+                        _accumulate(K[rows, rows], new, new, False, True)
+                        if s > 0:
+                            _accumulate(K[rows, before], new, upto, False, True)
+                    else:
+                        _accumulate(K[rows, done], new, upto, False, True)
+                    if s > 0:
+                        _accumulate(K[before, rows], store[name][before], new, False, True)
+                elif last:  # K[:s, I] and the diagonal block
+                    _accumulate(K[rows, rows], new, new, False, False)
+                    if s > 0:
+                        _accumulate(K[before, rows], upto, new, False, False)
+                else:  # K[:e, I] in one product; the block row K[I, :s] is its mirror image
+                    _accumulate(K[done, rows], upto, new, False, False)
+                del new, upto
+            if kernel != "asigngd" and s > 0:
+                K[rows, before] = K[before, rows].T
+        out1 = torch.cat(outs)
+        return K, None, out1, out1
+
+    out1_parts: list[torch.Tensor] = []
+    out2_parts: list[torch.Tensor] = []
+    for tile_start in range(0, n2, plan.tile_size):
+        tile_stop = min(n2, tile_start + plan.tile_size)
+        store = None
+        for s, e, block, out in _blocks(grads, x2, n2, b, tile_start, tile_stop, bar=bar):
+            if store is None:
+                store = new_store((tile_stop - tile_start) * C, block[names[0]])
+            rows = slice((s - tile_start) * C, (e - tile_start) * C)
+            for name in names:
+                g = block.pop(name)
+                store[name][rows] = g.sign_() if sb else g
+                del g
+            out2_parts.append(out)
+        cols = slice(tile_start * C, tile_stop * C)
+        for s, e, block, out in _blocks(grads, x1, n1, b, bar=bar):
+            if K is None:
+                K = torch.zeros(n1 * C, n2 * C, dtype=dtype, device=out.device)
+            if tile_start == 0:
+                out1_parts.append(out)
+            rows = slice(s * C, e * C)
+            for name in names:
+                _accumulate(K[rows, cols], block.pop(name), store[name], sa, False)
+        del store
+    out1, out2 = torch.cat(out1_parts), torch.cat(out2_parts)
+    return K, None, out1, (out1 if plan.symmetric else out2)
+
+
+def _run_sketch(grads, plan, x1, x2, kernel, dtype, bar):
+    C, b, k = plan.num_outputs, plan.batch_size, plan.sketch_dim
+    n1, n2 = plan.num_examples1, plan.num_examples2
+    sa, sb = _signs(kernel)
+    sketch = CountSketch(k, plan.seed)
+    names = grads.selection.names
+
+    def sketch_side(x, n, sign, also_other_sign: bool):
+        S = S_other = norms = norms_other = None
+        outs = []
+        for s, e, block, out in _blocks(grads, x, n, b, bar=bar):
+            if S is None:
+                S = torch.zeros(n * C, k, dtype=dtype, device=out.device)
+                norms = torch.zeros(n * C, dtype=dtype, device=out.device)
+                if also_other_sign:
+                    S_other, norms_other = torch.zeros_like(S), torch.zeros_like(norms)
+            outs.append(out)
+            rows = slice(s * C, e * C)
+            for part, name in enumerate(names):
+                raw = block.pop(name)
+                buckets, signs = sketch.hashes(part, raw.shape[1], raw.device, dtype)
+                for c0 in range(0, raw.shape[1], SKETCH_CHUNK):
+                    c1 = min(raw.shape[1], c0 + SKETCH_CHUNK)
+                    for signed, SS, NN in ((sign, S, norms), (True, S_other, norms_other)):
+                        if SS is None:
+                            continue
+                        v = raw[:, c0:c1]
+                        v = (v.sign() if signed else v).to(dtype)
+                        NN[rows] += torch.linalg.vector_norm(v, dim=1) ** 2
+                        count_sketch(v, buckets[c0:c1], signs[c0:c1], k, out=SS[rows])
+                        del v
+        return S, norms, S_other, norms_other, torch.cat(outs)
+
+    both = plan.symmetric and sa != sb  # asigngd with x2 = x1: raw and signed sketches in one pass
+    S1, q1, S2, q2, out1 = sketch_side(x1, n1, sa, both)
+    if plan.symmetric:
+        out2 = out1
+        if not both:
+            S2, q2 = S1, q1
+    else:
+        S2, q2, _, _, out2 = sketch_side(x2, n2, sb, False)
+    K = S1 @ S2.T
+    bound = count_sketch_std_bound(q1, q2, k)
+    return K, bound, out1, out2
