@@ -47,6 +47,9 @@ class Step:
 # Order matters only for reading the summary. Later issues append their verifiers and experiments here.
 STEPS: list[Step] = [
     Step("verify:hmm"),
+    Step("verify:wei2021"),
+    Step("run:wei2021-exp1"),
+    Step("run:wei2021-exp2"),
 ]
 
 
