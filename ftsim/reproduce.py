@@ -50,6 +50,8 @@ STEPS: list[Step] = [
     Step("verify:wei2021"),
     Step("run:wei2021-exp1"),
     Step("run:wei2021-exp2"),
+    Step("verify:ntk"),
+    Step("run:ntk-width"),
 ]
 
 
