@@ -1,0 +1,441 @@
+"""The two synthetic experiments of Wei, Xie & Ma (2021), with exact oracles beside the learned pipeline.
+
+``ftsim run wei2021-exp1 --preset quick|paper``: accuracy vs the number of hidden states m of prompt tuning and
+head tuning on a frozen pretrained masked LM (and a causal, right-to-left variant), mean and spread over
+seeds, with the exact oracles on the same axes.
+
+``ftsim run wei2021-exp2 --preset quick|paper``: a memory HMM (4 syntax states x N memory values) with an
+attention head over per-position outputs vs a vanilla HMM with as many states and a linear head on G_0.
+
+Units of work (one (HMM, task) oracle bundle, one pretraining curve, one (HMM, task, model, method)
+tuning run) go through ``ctx.store``: a killed run resumes. Pretraining checkpoints and corpora are cached
+under ``ctx.cache_dir`` by a hash of what produced them, so the two experiments share the vanilla models
+they have in common, and reruns reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import OrderedDict
+from typing import Any
+
+
+from ftsim.experiment import Experiment, RunContext
+from ftsim.io import write_table
+
+__all__ = ["Exp1Config", "Exp2Config", "EXP1", "EXP2", "PAPER_EXP1", "PAPER_EXP2"]
+
+# The paper's reported mean test accuracies (%), for the tables and figures.
+PAPER_EXP1 = {  # m -> (prompt tuning, head tuning)
+    4: (99.7, 94.0), 8: (97.0, 84.0), 10: (92.9, 79.7), 15: (87.0, 74.6), 25: (74.8, 66.1), 30: (75.1, 66.2),
+}
+PAPER_EXP2 = {  # total states -> (memory HMM + attention head, vanilla HMM + linear head)
+    8: (99.8, 83.2), 12: (99.9, 80.6), 20: (99.9, 64.4), 28: (97.8, 66.1),
+}
+
+
+def _f(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Common:
+    vocab_size: int = _f(10, "vocabulary size n")
+    length: int = _f(128, "T: observed tokens x_1..x_T after the masked x_0")
+    hmm_seeds: tuple[int, ...] = _f((0, 1, 2, 3, 4), "seeds of the HMM (and of its pretraining)")
+    task_seeds: tuple[int, ...] = _f((0,), "seeds of mu and of the downstream samples, per HMM")
+    support_size: int = _f(6, "non-zeros of mu (all states/memory values when fewer)")
+    num_train: int = _f(5000, "downstream training examples")
+    num_val: int = _f(1000, "downstream validation examples (prompt-tuning early stopping, head L2)")
+    num_test: int = _f(5000, "downstream test examples")
+    oracle_train: int = _f(2000, "training rows used by the exact oracles (their test split is num_test)")
+    d_model: int = _f(256, "transformer width")
+    num_layers: int = _f(4, "transformer blocks")
+    num_heads: int = _f(8, "attention heads")
+    pretrain_steps: int = _f(10_000, "pretraining optimiser steps")
+    batch_size: int = _f(256, "pretraining batch (sequences)")
+    lr: float = _f(1e-3, "peak AdamW learning rate (linear warm-up, cosine decay to a tenth)")
+    warmup: int = _f(500, "warm-up steps")
+    mask_prob: float = _f(0.15, "masking rate of positions 1..L-1")
+    mask0_prob: float = _f(0.5, "masking rate of position 0 (where the downstream mask sits)")
+    corpus_sequences: int = _f(1_000_000, "pretraining corpus size (sequences of T + 1 tokens)")
+    eval_every: int = _f(500, "pretraining steps between TV evaluations")
+    eval_sequences: int = _f(1000, "held-out sequences of the TV curve")
+    prompt_length: int = _f(1, "soft prompt vectors (prompt slots reserved in pretraining, [MASK] there)")
+    prompt_steps: int = _f(1000, "prompt-tuning Adam steps")
+    prompt_batch: int = _f(256, "prompt-tuning batch")
+    prompt_lr: float = _f(1e-2, "prompt learning rate")
+    head_lr: float = _f(1e-2, "head learning rate during prompt tuning")
+    oracle_restarts: int = _f(3, "initialisations of the exact prompt oracle (the first is head tuning)")
+    oracle_steps: int = _f(200, "L-BFGS iterations of the exact prompt oracle")
+
+    def pretrain_config(self, causal: bool, seed: int):
+        from simulate.wei2021.pretrain import PretrainConfig
+
+        return PretrainConfig(d_model=self.d_model, num_layers=self.num_layers, num_heads=self.num_heads,
+                              causal=causal, steps=self.pretrain_steps, batch_size=self.batch_size, lr=self.lr,
+                              warmup=self.warmup, mask_prob=self.mask_prob, mask0_prob=self.mask0_prob,
+                              corpus_sequences=self.corpus_sequences, eval_every=self.eval_every,
+                              eval_sequences=self.eval_sequences, prompt_slots=self.prompt_length, seed=seed)
+
+    def tuning_config(self):
+        from simulate.wei2021.tuning import TuningConfig
+
+        return TuningConfig(prompt_steps=self.prompt_steps,
+                            prompt_batch=self.prompt_batch, prompt_lr=self.prompt_lr, head_lr=self.head_lr)
+
+    @property
+    def seq_len(self) -> int:
+        """Pretraining sequence length: x_0..x_T (the model adds its prompt slots in front)."""
+        return self.length + 1
+
+    def check(self) -> None:
+        for name in ("vocab_size", "length", "num_train", "num_val", "num_test", "pretrain_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.hmm_seeds or not self.task_seeds:
+            raise ValueError("hmm_seeds and task_seeds must not be empty")
+        if self.oracle_train > self.num_train:
+            raise ValueError(f"oracle_train={self.oracle_train} exceeds num_train={self.num_train}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Exp1Config(_Common):
+    """Experiment 1: prompt vs head tuning as the number of hidden states grows (defaults: the paper's m and
+    a GPU-sized pretraining; see the ``quick`` preset for the CPU budget)."""
+
+    num_states: tuple[int, ...] = _f((4, 8, 10, 12, 15, 25, 30), "hidden states m of the wei2021 HMMs")
+    causal_num_states: tuple[int, ...] = _f((4, 8, 10, 12, 15, 25, 30),
+                                            "m at which the causal (right-to-left) variant is also pretrained and tuned")
+
+    def __post_init__(self) -> None:
+        self.check()
+        if not self.num_states or min(self.num_states) < 1:
+            raise ValueError(f"num_states must be non-empty and positive, got {self.num_states}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Exp2Config(_Common):
+    """Experiment 2: memory HMM + attention head vs vanilla HMM + linear head at equal total states."""
+
+    num_memory: tuple[int, ...] = _f((2, 3, 5, 7), "memory values N of the memory HMMs")
+    num_syntax: int = _f(4, "syntax states S (total states N * S)")
+    attention_steps: int = _f(600, "Adam steps of the attention head")
+    attention_heads: int = _f(4, "attention heads of the attention head")
+
+    def __post_init__(self) -> None:
+        self.check()
+        if not self.num_memory or min(self.num_memory) < 1 or self.num_syntax < 1:
+            raise ValueError(f"num_memory {self.num_memory} and num_syntax {self.num_syntax} must be positive")
+
+    def tuning_config(self):
+        return dataclasses.replace(super().tuning_config(), attention_steps=self.attention_steps,
+                                   attention_heads=self.attention_heads)
+
+
+# Quick presets: what runs on a 2-core CPU in minutes. A 2-layer, 64-wide transformer pretrained for 1000 steps
+# of 64 sequences (T = 12, ~1M tokens per HMM), one HMM per m, two tasks per HMM; the oracles use the same
+# splits. Pretraining dominates (about 25 s per HMM on a calm 2-core machine).
+_QUICK = dict(length=12, hmm_seeds=(0,), task_seeds=(0, 1), num_train=2000, num_val=500, num_test=1000,
+              oracle_train=1000, d_model=64, num_layers=2, num_heads=4, pretrain_steps=1000, batch_size=64,
+              lr=3e-3, warmup=50, mask_prob=0.1, mask0_prob=1.0, corpus_sequences=64_000, eval_every=100,
+              eval_sequences=500, prompt_steps=150, prompt_batch=128, oracle_restarts=2, oracle_steps=100)
+
+EXP1_PRESETS = OrderedDict(
+    quick=Exp1Config(num_states=(4, 8, 10, 15, 25, 30), causal_num_states=(10,), **_QUICK),
+    paper=Exp1Config(),
+)
+EXP2_PRESETS = OrderedDict(
+    quick=Exp2Config(attention_steps=400, **_QUICK),
+    paper=Exp2Config(),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _setup_torch(ctx: RunContext) -> None:
+    """One intra-op thread on CPU unless $FTSIM_THREADS says otherwise (at most 2 on the reference machine).
+
+    The quick models are tiny (64-wide): a second thread buys little, and when the two cores are shared with
+    other jobs, two spinning OpenMP threads made pretraining up to 10x slower in our measurements."""
+    import torch
+
+    if ctx.device == "cpu":
+        torch.set_num_threads(max(1, int(os.environ.get("FTSIM_THREADS", "1"))))
+
+
+def _splits(data, cfg: _Common):
+    return data.split((cfg.num_train, cfg.num_val, cfg.num_test))
+
+
+def _data_seed(hmm_seed: int, task_seed: int, tag: str) -> int:
+    from simulate.wei2021.pretrain import derive_seed
+
+    return derive_seed(hmm_seed, task_seed, tag)
+
+
+class _Models:
+    """Lazily pretrained models of one run (pretraining happens only if a unit needs the model)."""
+
+    def __init__(self, cfg: _Common, ctx: RunContext):
+        self.cfg, self.ctx, self.cache = cfg, ctx, {}
+
+    def get(self, spec, causal: bool):
+        from simulate.wei2021.pretrain import pretrain
+
+        key = (spec, causal)
+        if key not in self.cache:
+            self.cache[key] = pretrain(spec, self.cfg.seq_len, self.cfg.pretrain_config(causal, spec.seed),
+                                       self.ctx.cache_dir, eval_length=self.cfg.length,
+                                       device=self.ctx.device, progress=self.ctx.progress,
+                                       overwrite=self.ctx.overwrite)
+        return self.cache[key]
+
+    def curve_unit(self, store, name: str, spec, causal: bool, extra: dict) -> dict:
+        key = f"curve-{name}-model={'causal' if causal else 'mlm'}"
+        rec = store.get(key)
+        if rec is None:
+            pre = self.get(spec, causal)
+            rec = {"curve": pre.curve, "seconds": pre.seconds, "reused": pre.reused, "checkpoint": str(pre.path),
+                   "num_parameters": pre.model.num_parameters(), **extra,
+                   "model": "causal" if causal else "mlm"}
+            store.put(key, rec)
+        return rec
+
+
+def _curve_rows(rec: dict) -> list[dict]:
+    keep = {k: v for k, v in rec.items() if k not in ("curve", "checkpoint")}
+    return [{**keep, **row} for row in rec["curve"]]
+
+
+def _mean_table(rows: list[dict], x: str, group: tuple[str, ...]) -> list[dict]:
+    from theory.wei2021 import summarize
+
+    out: dict[tuple, list[float]] = {}
+    for r in rows:
+        out.setdefault((r[x], *[r[g] for g in group]), []).append(r["accuracy"])
+    table = []
+    for key, vals in sorted(out.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+        s = summarize(vals)
+        table.append({x: key[0], **dict(zip(group, key[1:])), "mean": 100 * s["mean"], "std": 100 * s["std"],
+                      "min": 100 * s["min"], "max": 100 * s["max"], "n": s["n"]})
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Experiment 1
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_exp1(cfg: Exp1Config, ctx: RunContext) -> dict:
+    """Run experiment 1 (see the module docstring); returns the summary with a headline."""
+    from tqdm.auto import tqdm
+
+    from simulate.wei2021.oracles import downstream_data, exact_exp1_oracles, wei2021_task
+    from simulate.wei2021.pretrain import HMMSpec
+    from simulate.wei2021.tuning import head_tuning, prompt_tuning
+
+    _setup_torch(ctx)
+    t0 = time.perf_counter()
+    store = ctx.store
+    models = _Models(cfg, ctx)
+    tcfg = cfg.tuning_config()
+    results: list[dict] = []
+    curves: list[dict] = []
+    diags: list[dict] = []
+    units = [(m, hs) for m in cfg.num_states for hs in cfg.hmm_seeds]
+    for m, hs in tqdm(units, desc="wei2021-exp1 (m, hmm seed)", disable=not ctx.progress):
+        spec = HMMSpec.make("wei2021", hs, num_states=m, vocab_size=cfg.vocab_size)
+        variants = [False] + ([True] if m in cfg.causal_num_states else [])
+        for causal in variants:
+            curves.extend(_curve_rows(models.curve_unit(store, f"m={m},hmm={hs}", spec, causal,
+                                                        {"num_states": m, "hmm_seed": hs})))
+        for ts in cfg.task_seeds:
+            base = {"num_states": m, "hmm_seed": hs, "task_seed": ts}
+            data = None
+
+            def get_data():
+                nonlocal data
+                if data is None:
+                    hmm, mu = wei2021_task(m, cfg.vocab_size, hs, ts, cfg.length, cfg.support_size)
+                    full = downstream_data(hmm, mu, cfg.num_train + cfg.num_val + cfg.num_test, cfg.length,
+                                           _data_seed(hs, ts, "downstream"))
+                    data = (hmm, mu, *_splits(full, cfg))
+                return data
+
+            okey = f"oracle-m={m},hmm={hs},task={ts}"
+            rec = store.get(okey)
+            if rec is None:
+                hmm, mu, tr, _, te = get_data()
+                sub = tr.split((cfg.oracle_train,))[0]
+                rec = {**base, **exact_exp1_oracles(hmm, mu, sub, te, seed=ts, restarts=cfg.oracle_restarts,
+                                                    steps=cfg.oracle_steps), "mu": mu.tolist()}
+                store.put(okey, rec)
+            diags.append({k: v for k, v in rec.items() if k != "mu"})
+            for method in ("head_oracle", "head_certificate", "prompt_oracle_identity", "prompt_oracle_reversal",
+                           "prompt_certificate"):
+                results.append({**base, "model": "exact", "method": method, "accuracy": rec[method]})
+            for causal in variants:
+                mname = "causal" if causal else "mlm"
+                keys = {meth: f"learned-m={m},hmm={hs},task={ts},model={mname},method={meth}"
+                        for meth in ("head", "prompt")}
+                recs = {meth: store.get(k) for meth, k in keys.items()}
+                if any(r is None for r in recs.values()):
+                    hmm, mu, tr, va, te = get_data()
+                    model = models.get(spec, causal).model
+                    t1 = time.perf_counter()
+                    head = head_tuning(model, tr, va, te, tcfg, ctx.device)
+                    th = time.perf_counter() - t1
+                    if recs["head"] is None:
+                        recs["head"] = {k: head[k] for k in ("train_accuracy", "val_accuracy", "test_accuracy", "l2")}
+                        recs["head"]["seconds"] = round(th, 2)
+                        store.put(keys["head"], recs["head"])
+                    if recs["prompt"] is None:
+                        t1 = time.perf_counter()
+                        pr = prompt_tuning(model, tr, va, te, tcfg, seed=_data_seed(hs, ts, "prompt"),
+                                           head_init=head, device=ctx.device, progress=ctx.progress)
+                        recs["prompt"] = {**pr, "seconds": round(time.perf_counter() - t1, 2)}
+                        store.put(keys["prompt"], recs["prompt"])
+                for meth, r in recs.items():
+                    results.append({**base, "model": mname, "method": meth, "accuracy": r["test_accuracy"],
+                                    "train_accuracy": r["train_accuracy"], "val_accuracy": r["val_accuracy"]})
+    write_table(ctx.out_dir / "results", results)
+    write_table(ctx.out_dir / "curves", curves)
+    write_table(ctx.out_dir / "diagnostics", diags)
+    means = _mean_table(results, "num_states", ("model", "method"))
+    write_table(ctx.out_dir / "means", means)
+    from figures.wei2021 import draw_exp1
+
+    figs = draw_exp1(results, curves, ctx.out_dir / "wei2021_exp1")
+    return _summary1(means, figs, time.perf_counter() - t0)
+
+
+def _summary1(means: list[dict], figs: list, seconds: float) -> dict:
+    get = {(r["num_states"], r["model"], r["method"]): r["mean"] for r in means}
+    ms = sorted({r["num_states"] for r in means})
+    parts = []
+    for m in ms:
+        p, h = get.get((m, "mlm", "prompt")), get.get((m, "mlm", "head"))
+        if p is not None and h is not None:
+            parts.append(f"m={m}: prompt {p:.1f} / head {h:.1f}")
+    return {"headline": "test acc % (MLM) " + "; ".join(parts), "figures": [str(f) for f in figs],
+            "seconds": round(seconds, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Experiment 2
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
+    """Run experiment 2 (see the module docstring); returns the summary with a headline."""
+    from tqdm.auto import tqdm
+
+    from simulate.wei2021.oracles import (
+        downstream_data,
+        memory_attention_oracle,
+        memory_task,
+        wei2021_task,
+    )
+    from simulate.wei2021.pretrain import HMMSpec
+    from simulate.wei2021.tuning import attention_tuning, head_tuning
+    from theory.wei2021 import head_oracle
+
+    _setup_torch(ctx)
+    t0 = time.perf_counter()
+    store = ctx.store
+    models = _Models(cfg, ctx)
+    tcfg = cfg.tuning_config()
+    results: list[dict] = []
+    curves: list[dict] = []
+    units = [(N, hs) for N in cfg.num_memory for hs in cfg.hmm_seeds]
+    for N, hs in tqdm(units, desc="wei2021-exp2 (N, hmm seed)", disable=not ctx.progress):
+        total = N * cfg.num_syntax
+        specs = {
+            "memory": HMMSpec.make("memory", hs, num_memory=N, num_syntax=cfg.num_syntax, vocab_size=cfg.vocab_size),
+            "vanilla": HMMSpec.make("wei2021", hs, num_states=total, vocab_size=cfg.vocab_size),
+        }
+        for hmm_kind, spec in specs.items():
+            curves.extend(_curve_rows(models.curve_unit(store, f"{hmm_kind}-states={total},hmm={hs}", spec, False,
+                                                        {"total_states": total, "num_memory": N, "hmm": hmm_kind,
+                                                         "hmm_seed": hs})))
+        for ts in cfg.task_seeds:
+            base = {"total_states": total, "num_memory": N, "hmm_seed": hs, "task_seed": ts}
+            cached: dict[str, Any] = {}
+
+            def get_data(kind: str):
+                if kind not in cached:
+                    if kind == "memory":
+                        model, mu = memory_task(N, cfg.num_syntax, cfg.vocab_size, hs, ts, cfg.length, cfg.support_size)
+                    else:
+                        model, mu = wei2021_task(total, cfg.vocab_size, hs, ts, cfg.length, cfg.support_size)
+                    full = downstream_data(model, mu, cfg.num_train + cfg.num_val + cfg.num_test, cfg.length,
+                                           _data_seed(hs, ts, f"downstream-{kind}"))
+                    cached[kind] = (model, mu, *_splits(full, cfg))
+                return cached[kind]
+
+            # exact oracles
+            okey = f"oracle-states={total},hmm={hs},task={ts}"
+            rec = store.get(okey)
+            if rec is None:
+                model, mu, tr, _, te = get_data("memory")
+                sub = tr.split((cfg.oracle_train,))[0]
+                mem = memory_attention_oracle(model, sub, te, seed=ts, steps=cfg.attention_steps,
+                                              num_heads=cfg.attention_heads)
+                _, _, mem_linear = head_oracle(sub.G0, sub.labels, te.G0, te.labels)
+                vmodel, vmu, vtr, _, vte = get_data("vanilla")
+                vsub = vtr.split((cfg.oracle_train,))[0]
+                _, _, van = head_oracle(vsub.G0, vsub.labels, vte.G0, vte.labels)
+                rec = {**base, **mem, "memory_linear_oracle": mem_linear, "vanilla_head_oracle": van,
+                       "memory_label_balance": float(te.labels.mean()), "vanilla_label_balance": float(vte.labels.mean())}
+                store.put(okey, rec)
+            for hmm_kind, method, key in (("memory", "attention", "memory_attention_oracle"),
+                                          ("memory", "head", "memory_linear_oracle"),
+                                          ("vanilla", "head", "vanilla_head_oracle")):
+                results.append({**base, "hmm": hmm_kind, "model": "exact", "method": method, "accuracy": rec[key]})
+            # learned
+            for hmm_kind, method in (("memory", "attention"), ("memory", "head"), ("vanilla", "head")):
+                key = f"learned-{hmm_kind}-states={total},hmm={hs},task={ts},method={method}"
+                r = store.get(key)
+                if r is None:
+                    _, _, tr, va, te = get_data(hmm_kind)
+                    model = models.get(specs[hmm_kind], False).model
+                    t1 = time.perf_counter()
+                    if method == "attention":
+                        r = attention_tuning(model, tr, va, te, tcfg, seed=_data_seed(hs, ts, "attention"),
+                                             device=ctx.device)
+                    else:
+                        r = {k: v for k, v in head_tuning(model, tr, va, te, tcfg, ctx.device).items()
+                             if k in ("train_accuracy", "val_accuracy", "test_accuracy", "l2")}
+                    r["seconds"] = round(time.perf_counter() - t1, 2)
+                    store.put(key, r)
+                results.append({**base, "hmm": hmm_kind, "model": "mlm", "method": method,
+                                "accuracy": r["test_accuracy"], "train_accuracy": r["train_accuracy"],
+                                "val_accuracy": r["val_accuracy"]})
+    write_table(ctx.out_dir / "results", results)
+    write_table(ctx.out_dir / "curves", curves)
+    means = _mean_table(results, "total_states", ("hmm", "model", "method"))
+    write_table(ctx.out_dir / "means", means)
+    from figures.wei2021 import draw_exp2
+
+    figs = draw_exp2(results, curves, ctx.out_dir / "wei2021_exp2")
+    get = {(r["total_states"], r["hmm"], r["model"], r["method"]): r["mean"] for r in means}
+    parts = [f"{s} states: memory+attn {get.get((s, 'memory', 'mlm', 'attention'), float('nan')):.1f} / "
+             f"vanilla+linear {get.get((s, 'vanilla', 'mlm', 'head'), float('nan')):.1f}"
+             for s in sorted({r['total_states'] for r in means})]
+    return {"headline": "test acc % " + "; ".join(parts), "figures": [str(f) for f in figs],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+EXP1 = Experiment("wei2021-exp1", Exp1Config, EXP1_PRESETS, run_exp1,
+                  "Wei, Xie & Ma 2021, experiment 1: prompt tuning vs head tuning on a frozen pretrained masked LM\n"
+                  "(and a causal variant) as the number of hidden states m grows, with the exact oracles\n"
+                  "(head oracle, prompt oracles, the theorems' certificates) on the same figure.")
+EXP2 = Experiment("wei2021-exp2", Exp2Config, EXP2_PRESETS, run_exp2,
+                  "Wei, Xie & Ma 2021, experiment 2: memory HMM + attention head over per-position outputs vs\n"
+                  "vanilla HMM + linear head on G_0, at equal numbers of hidden states, with exact oracles.")
