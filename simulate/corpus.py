@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -42,28 +43,44 @@ class CorpusError(ValueError):
     """A corpus directory is malformed; the message names the file and field."""
 
 
-class _NpyStream:
-    """Write a 2-d ``.npy`` of known shape row-block by row-block into a temp file, hashing as it goes."""
+class _HashedStream:
+    """A file written to a temporary name beside its target, hashed as it is written, and renamed into place
+    by :meth:`close` (which returns the SHA-256); :meth:`abort` removes the temporary file."""
 
-    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype):
-        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+    def __init__(self, path: Path):
+        self.path = path
         fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         self.fh = os.fdopen(fd, "wb")
         self.sha = hashlib.sha256()
-        self.rows = 0
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
-        self._write_header(header)
-
-    def _write_header(self, header: dict) -> None:
-        import io
-
-        buf = io.BytesIO()
-        np.lib.format.write_array_header_1_0(buf, header)
-        self._write(buf.getvalue())
 
     def _write(self, data: bytes | memoryview) -> None:
         self.fh.write(data)
         self.sha.update(data)
+
+    def close(self) -> str:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        return self.sha.hexdigest()
+
+    def abort(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+class _NpyStream(_HashedStream):
+    """A 2-d ``.npy`` of known shape, written row-block by row-block."""
+
+    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype):
+        super().__init__(path)
+        self.shape, self.dtype, self.rows = shape, np.dtype(dtype), 0
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
+        self._write(header.getvalue())
 
     def append(self, block: np.ndarray) -> None:
         block = np.ascontiguousarray(block, dtype=self.dtype)
@@ -76,44 +93,14 @@ class _NpyStream:
         if self.rows != self.shape[0]:
             self.abort()
             raise RuntimeError(f"{self.path.name}: wrote {self.rows} rows, header says {self.shape[0]}")
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        os.replace(self.tmp, self.path)
-        return self.sha.hexdigest()
-
-    def abort(self) -> None:
-        if not self.fh.closed:
-            self.fh.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        return super().close()
 
 
-class _TextStream:
-    def __init__(self, path: Path):
-        self.path = path
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        self.fh = os.fdopen(fd, "wb")
-        self.sha = hashlib.sha256()
+class _TextStream(_HashedStream):
+    """One sequence per line, tokens rendered as ``t<k>`` words."""
 
     def append(self, tokens: np.ndarray, words: np.ndarray) -> None:
-        lines = "\n".join(" ".join(row) for row in words[tokens]) + "\n"
-        data = lines.encode("ascii")
-        self.fh.write(data)
-        self.sha.update(data)
-
-    def close(self) -> str:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        os.replace(self.tmp, self.path)
-        return self.sha.hexdigest()
-
-    def abort(self) -> None:
-        if not self.fh.closed:
-            self.fh.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        self._write(("\n".join(" ".join(row) for row in words[tokens]) + "\n").encode("ascii"))
 
 
 def default_task(model: HMM | MemoryHMM, support_size: int, seed: int) -> tuple[PosteriorTask, np.ndarray]:
