@@ -127,8 +127,8 @@ def main() -> None:
     }
     write_json(args.out, result)
     s, p, c = result["sampling"], result["posteriors"], result["corpus_writing"]
-    print(f"| measure | ftsim | hmmlearn | ratio | target |")
-    print(f"|---|---|---|---|---|")
+    print("| measure | ftsim | hmmlearn | ratio | target |")
+    print("|---|---|---|---|---|")
     print(f"| sampling (tokens/s) | {s['ours_tokens_per_s']:.3g} | {s['hmmlearn_tokens_per_s']:.3g} | "
           f"{s['ratio']:.0f}x | >= 50x |")
     print(f"| posteriors (tokens/s) | {p['ours_tokens_per_s']:.3g} | {p['hmmlearn_tokens_per_s']:.3g} | "

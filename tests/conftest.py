@@ -56,3 +56,15 @@ def results_tmp(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("FTSIM_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("FTSIM_CACHE", str(tmp_path / "cache"))
     return tmp_path / "results"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one intra-op torch thread: tiny tensors gain nothing from threads, and on the shared
+    2-core machine spinning OpenMP workers only add synchronisation."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

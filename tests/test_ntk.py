@@ -20,11 +20,8 @@ from theory.ntk import NTKMemoryError, empirical_ntk, empirical_ntk_fn, select_p
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (see ``tests/conftest.py``)."""
 
 
 def make_mlp(seed: int = 0, d: int = 5, width: int = 7, C: int = 3, dtype=torch.float64):
@@ -158,6 +155,7 @@ def test_parameter_subsets_and_exact_decompositions():
     K_all = empirical_ntk(f, p, x).matrix()
     K_head = empirical_ntk(f, p, x, params_subset=head).matrix()
     K_back = empirical_ntk(f, p, x, params_subset=lambda name: not name.startswith("layer2")).matrix()
+    assert torch.equal(K_back, empirical_ntk(f, p, x, params_subset=backbone).matrix())  # predicate == names
     assert torch.allclose(K_all, K_head + K_back, rtol=1e-13, atol=1e-13)  # LP-FT decomposition
     Jh = jacobian(f, p, x, head)
     assert torch.allclose(K_head, Jh @ Jh.T, atol=1e-12)

@@ -18,11 +18,8 @@ from theory.sketch import CountSketch, count_sketch, count_sketch_std_bound, cou
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (see ``tests/conftest.py``)."""
 
 
 # zeros and entries of magnitude >= 1e-3: products of two sub-1e-150 entries would underflow the tolerances
