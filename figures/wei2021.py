@@ -1,8 +1,9 @@
 """Figures of the Wei, Xie & Ma (2021) experiments, drawn from the tidy tables of a run directory.
 
 * :func:`draw_exp1` — (a) test accuracy vs hidden states m: prompt and head tuning on the pretrained masked LM
-  (mean ± std over seeds; the causal variant hollow), the exact oracles (dashed), the paper's numbers (stars and
-  crosses); (b) TV(model output, exact G_0) over pretraining steps.
+  (mean ± std over seeds; the causal variant and the best-real-token start of prompt tuning hollow), the exact
+  oracles (dashed/dotted), the paper's numbers (stars and crosses); (b) TV(model output, exact G_0) over
+  pretraining steps.
 * :func:`draw_exp2` — (a) test accuracy vs total hidden states: memory HMM + attention head vs vanilla HMM +
   linear head, learned and exact, with the paper's numbers; (b) the TV curves.
 * :func:`redraw` — either figure from ``results.jsonl`` and ``curves.jsonl`` (checks ``config.json``).
@@ -88,10 +89,14 @@ def draw_exp1(results: list[dict], curves: list[dict], stem: str | Path) -> list
            model="exact", method="prompt_oracle_identity")
     _exact(ax, results, "num_states", C_PROMPT, ":", "exact prompt oracle (prompt token before $H_0$)",
            model="exact", method="prompt_oracle_reversal")
+    _exact(ax, results, "num_states", C_PROMPT, "-.", "exact token prompt (best real token before $H_0$)",
+           model="exact", method="prompt_oracle_token")
     _exact(ax, results, "num_states", C_HEAD, "--", "exact head oracle (linear head on $G_0$)",
            model="exact", method="head_oracle")
     _learned(ax, results, "num_states", C_PROMPT, "o", "prompt tuning (masked LM)", model="mlm", method="prompt")
     _learned(ax, results, "num_states", C_HEAD, "s", "head tuning (masked LM)", model="mlm", method="head")
+    _learned(ax, results, "num_states", C_PROMPT, "D", "token prompt, no gradient steps (masked LM)", hollow=True,
+             ls=(0, (4, 2)), model="mlm", method="token_prompt")
     _learned(ax, results, "num_states", C_PROMPT, "o", "prompt tuning (causal LM)", hollow=True, ls=(0, (1, 1.5)),
              model="causal", method="prompt")
     _learned(ax, results, "num_states", C_HEAD, "s", "head tuning (causal LM)", hollow=True, ls=(0, (1, 1.5)),

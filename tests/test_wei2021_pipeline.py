@@ -95,6 +95,41 @@ def test_head_and_prompt_tuning_on_a_tiny_model(tmp_path):
     assert trained["val_accuracy"] >= start["val_accuracy"] - 1e-9  # best validation state is kept
 
 
+def test_token_start_is_the_best_real_token_on_validation():
+    """``prompt_init="token"`` starts from the real token (in the slot next to x_0) whose head has the best
+    validation accuracy. Oracle: each token fed as an ordinary input id, not as a prompt embedding.
+
+    The model is a random (untrained) one: what is tested is the selection, and a random network's output
+    depends on the slot token, whereas a 30-step model ignores the slot and every token ties with [MASK]."""
+    from theory.wei2021 import accuracy, fit_logistic_head
+
+    model = _model(False)
+    hmm, mu = wei2021_task(6, 5, 0, 0, length=6)
+    tr, va, te = downstream_data(hmm, mu, 700, 6, seed=2).split((400, 100, 200))
+    cfg = TuningConfig(prompt_steps=0, prompt_batch=32, prompt_init="token")
+    head = head_tuning(model, tr, va, te, cfg)
+    res = prompt_tuning(model, tr, va, te, cfg, seed=0, head_init=head)
+
+    def feats(d, v):
+        ids = torch.as_tensor(d.observed)
+        lead = torch.tensor([[v, model.config.mask_id]]).expand(len(ids), -1)
+        with torch.no_grad():
+            return torch.softmax(model(torch.cat([lead, ids], dim=1))[:, 1], -1).double().numpy()
+
+    val_acc = {v: accuracy(fit_logistic_head(feats(tr, v), tr.labels, l2=head["l2"]).scores(feats(va, v)), va.labels)
+               for v in range(5)}
+    best = max(val_acc.values())
+    if best > head["val_accuracy"]:
+        assert res["init_token"] == min(v for v, a in val_acc.items() if a == best)
+        assert res["init_val_accuracy"] == pytest.approx(best, abs=1e-9)
+    else:
+        assert res["init_token"] == -1 and res["init_val_accuracy"] == head["val_accuracy"]
+    # With no steps the kept state is the start (up to the 1% symmetry-breaking noise).
+    assert abs(res["val_accuracy"] - res["init_val_accuracy"]) <= 0.02
+    with pytest.raises(ValueError, match="prompt_init"):
+        TuningConfig(prompt_init="random")
+
+
 def test_attention_head_finds_the_informative_position():
     rng = np.random.default_rng(0)
     B, T, n = 600, 8, 4

@@ -32,6 +32,7 @@ from theory.wei2021 import (
     reversal_kernel,
     reweight,
     stationary_distribution,
+    token_prompt_oracle,
 )
 
 
@@ -109,6 +110,61 @@ def test_reweighting_equals_enumeration_with_an_explicit_prompt_position(hmm, se
     # Both are sums of <= 3^5 products of <= 11 factors; 1e-9 absolute covers the rounding (a wrong
     # transpose in R shows up at 1e-2).
     np.testing.assert_allclose(ours, brute, atol=1e-9)
+
+
+@given(hmms(max_states=5, max_vocab=4), st.integers(0, 2**31 - 1))
+def test_token_prompt_is_an_observed_token_one_step_before_H0(hmm, seed):
+    """u = W^T e_v is what observing x_{-1} = v does: reweighting by R u equals forward-backward on
+    [v, MASK, x_1..T] in the chain started at pi (an independent code path: simulate.inference).
+
+    The unprompted posterior is the one under H_0's own marginal q = pi T. With pi the computed stationary
+    distribution q = pi only up to the eigen-solver's error, which is *relative* 1e-6 or worse on entries of
+    1e-10 (near-absorbing chains): the plain chain therefore starts at q, which makes the identity exact."""
+    pi = stationary_distribution(hmm.trans)
+    chain = HMM(pi, hmm.trans, hmm.emit)
+    q = pi @ hmm.trans
+    rng = np.random.default_rng(seed)
+    observed = rng.integers(0, hmm.vocab_size, size=(8, 4))
+    v = int(rng.integers(hmm.vocab_size))
+    plain = infer(HMM(q / q.sum(), hmm.trans, hmm.emit), np.concatenate([np.full((8, 1), MASK), observed], 1))
+    prompted = infer(chain, np.concatenate([np.full((8, 1), v), np.full((8, 1), MASK), observed], 1))
+    ok = np.isfinite(prompted.log_likelihood) & (prompted.log_likelihood > -200)
+    assume(ok.any())
+    ours = reweight(plain.posteriors[ok, 0], reversal_kernel(hmm.trans, pi) @ hmm.emit[:, v])
+    # Ratios of sums of <= m^6 positive products: 1e-9 absolute is rounding (a wrong row/column of emit
+    # gives errors of order 1e-1).
+    np.testing.assert_allclose(ours, prompted.posteriors[ok, 1], atol=1e-9)
+
+
+def test_token_prompt_oracle_is_weaker_than_a_soft_prompt_and_contains_head_tuning():
+    """Mirror twins (R = I): the soft prompt u = 1_{A,B} is exact, but no real token is. Token 2 has
+    u = 1_{A,B'} and token 3 u = 1_{B,A'}: either leaves two states that emit the *same* token, so G_0^u
+    is constant; tokens 0, 1 (emitted only by the signal states) rule out every H_0 state. So the oracle
+    stays at the share of the majority class of a fair-coin label. Then a generic HMM: the oracle's train
+    accuracy is at least the plain head's (u = const is a candidate), and its test accuracy is the chosen
+    token's, refitted."""
+    from simulate.wei2021.oracles import downstream_data, wei2021_task
+
+    hmm, mu = mirror_twins_hmm()
+    x = sample(hmm, 600, 4, 0).tokens.astype(np.int64)
+    post = mask_posteriors(hmm, x[:, 1:])
+    y = (post @ mu >= 0).astype(np.int64)
+    res = token_prompt_oracle(post[:400], y[:400], post[400:], y[400:], hmm.emit, np.eye(6))
+    # 200 test labels of a fair coin: 0.62 is 3.4 standard errors above 1/2.
+    assert res.test_accuracy <= 0.62
+    u_c, b_c = prompt_certificate(hmm.emit, mu)
+    assert accuracy(prompted_features(post[400:], hmm.emit, np.eye(6), u_c) @ b_c, y[400:]) == 1.0
+
+    g, gmu = wei2021_task(15, 10, 0, 0, length=8)
+    d = downstream_data(g, gmu, 900, 8, seed=1)
+    R = reversal_kernel(g.trans)
+    res = token_prompt_oracle(d.post0[:600], d.labels[:600], d.post0[600:], d.labels[600:], g.emit, R)
+    plain = fit_logistic_head(d.G0[:600], d.labels[:600], l2=1e-6)
+    assert res.train_accuracy >= accuracy(plain.scores(d.G0[:600]), d.labels[:600])
+    u = np.ones(15) if res.token is None else g.emit[:, res.token]
+    refit = fit_logistic_head(prompted_features(d.post0[:600], g.emit, R, u), d.labels[:600], l2=1e-6)
+    assert res.test_accuracy == accuracy(refit.scores(prompted_features(d.post0[600:], g.emit, R, u)),
+                                         d.labels[600:])
 
 
 def test_nondegeneracy_matches_numpy():

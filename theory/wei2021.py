@@ -48,6 +48,8 @@ __all__ = [
     "bayes_ceiling",
     "PromptOracleResult",
     "prompt_oracle",
+    "TokenPromptResult",
+    "token_prompt_oracle",
     "prompted_features",
     "head_oracle",
     "total_variation",
@@ -444,6 +446,57 @@ def prompt_oracle(
     train_acc = accuracy(head.scores(prompted_features(post_train, emit, kernel, u)), y_train)
     test_acc = accuracy(head.scores(prompted_features(post_test, emit, kernel, u)), y_test)
     return PromptOracleResult(u, head, train_acc, test_acc, r)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPromptResult:
+    """Best real-token prompt found by :func:`token_prompt_oracle`.
+
+    Attributes:
+        token: the prompt token v, or None when no token beats the plain head (u = const).
+        head: the linear head on the prompted G_0.
+        train_accuracy, test_accuracy: accuracies of 1[head(G_0^u) >= 0] with u = W^T e_v.
+    """
+
+    token: int | None
+    head: LinearHead
+    train_accuracy: float
+    test_accuracy: float
+
+
+def token_prompt_oracle(post_train: np.ndarray, y_train: np.ndarray, post_test: np.ndarray, y_test: np.ndarray,
+                        emit: np.ndarray, kernel: np.ndarray | None = None, l2: float = 1e-6) -> TokenPromptResult:
+    """The prompt restricted to *real tokens*: an observed token v at the prompt position has likelihood
+    vector u_h = P(X = v | H = h) = ``emit[h, v]`` (u = W^T e_v), which reweights H_0 by R u.
+
+    Every v (and u = const, i.e. head tuning) gets a logistic head on G_0^u; the one with the best training
+    accuracy wins (ties: head tuning, then the smaller v) -- no test data in the choice. This is the prompt a
+    masked LM can be taught exactly in pretraining (the slot holds real tokens), the discrete counterpart of
+    :func:`prompt_oracle`, and a lower bound for it.
+
+    Args:
+        post_train, post_test: (N, m) exact posteriors P(H_0 | x).
+        emit: (m, n) emissions.
+        kernel: (m, m) prompt kernel R (default identity); with the reversal kernel u is a token at
+            position -1.
+    """
+    emit = np.asarray(emit, dtype=np.float64)
+    m, n = emit.shape
+    kernel = np.eye(m) if kernel is None else np.asarray(kernel, dtype=np.float64)
+    best = None
+    for v in [None, *range(n)]:
+        u = np.ones(m) if v is None else emit[:, v]
+        f_tr = prompted_features(post_train, emit, kernel, u)
+        if not np.all(np.isfinite(f_tr)):
+            continue  # the token rules out every state some input allows
+        head = fit_logistic_head(f_tr, y_train, l2=l2)
+        acc = accuracy(head.scores(f_tr), y_train)
+        if best is None or acc > best[0]:
+            best = (acc, v, head)
+    acc, v, head = best
+    u = np.ones(m) if v is None else emit[:, v]
+    test_acc = accuracy(head.scores(prompted_features(post_test, emit, kernel, u)), y_test)
+    return TokenPromptResult(None if v is None else int(v), head, acc, test_acc)
 
 
 def head_oracle(G_train: np.ndarray, y_train: np.ndarray, G_test: np.ndarray, y_test: np.ndarray,

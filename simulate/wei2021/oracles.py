@@ -10,6 +10,9 @@ posteriors P (N, m) we get the exact pretrained output G_0 = P @ emit and score:
   posteriors (:func:`theory.wei2021.prompt_oracle`), for two prompt kernels: ``identity`` (the prompt
   reweights H_0 directly: the theorem's idealisation) and ``reversal`` (a prompt token one position before
   H_0: it can only act through the transition matrix);
+* the token-prompt oracle: the reversal-kernel prompt restricted to real tokens, u = W^T e_v
+  (:func:`theory.wei2021.token_prompt_oracle`): what a masked LM whose slot held real tokens in
+  pretraining can be shown to do;
 * the memory oracle: an attention head over the exact per-position outputs G_t(x) = P(X_t | x_{-t}) of a
   memory HMM (:func:`leave_one_out_outputs`), against the vanilla-HMM head oracle with as many states.
 
@@ -38,6 +41,7 @@ from theory.wei2021 import (
     prompt_oracle,
     prompted_features,
     reversal_kernel,
+    token_prompt_oracle,
 )
 
 __all__ = [
@@ -283,8 +287,8 @@ def exact_exp1_oracles(hmm: HMM, mu: np.ndarray, train: DownstreamData, test: Do
                        seed: int = 0, restarts: int = 2, steps: int = 100, margin_rows: int = 0) -> dict:
     """All exact quantities for one (HMM, mu): diagnostics, certificates and fitted oracles.
 
-    Returns a flat dict: ``head_oracle`` / ``prompt_oracle_identity`` / ``prompt_oracle_reversal`` test
-    accuracies, the certificates' accuracies on the test split, and the non-degeneracy diagnostics.
+    Returns a flat dict: ``head_oracle`` / ``prompt_oracle_identity`` / ``prompt_oracle_reversal`` /
+    ``prompt_oracle_token`` test accuracies, the certificates' accuracies on the test split, and the non-degeneracy diagnostics.
     ``margin_rows`` > 0 adds the hard-margin LP on that many training rows (is any linear head exact?).
     """
     diag = nondegeneracy(hmm.emit, mu)
@@ -295,8 +299,10 @@ def exact_exp1_oracles(hmm: HMM, mu: np.ndarray, train: DownstreamData, test: Do
                            test.labels)
     ident = prompt_oracle(train.post0, train.labels, test.post0, test.labels, hmm.emit, None,
                           restarts=restarts, steps=steps, seed=seed)
+    R = reversal_kernel(hmm.trans)
     rev = prompt_oracle(train.post0, train.labels, test.post0, test.labels, hmm.emit,
-                        reversal_kernel(hmm.trans), restarts=restarts, steps=steps, seed=seed)
+                        R, restarts=restarts, steps=steps, seed=seed)
+    tok = token_prompt_oracle(train.post0, train.labels, test.post0, test.labels, hmm.emit, R)
     out = {
         **{k: v for k, v in diag.row().items() if k != "support"},
         "support_size": len(diag.support),
@@ -308,6 +314,9 @@ def exact_exp1_oracles(hmm: HMM, mu: np.ndarray, train: DownstreamData, test: Do
         "prompt_oracle_identity": ident.test_accuracy,
         "prompt_oracle_reversal_train": rev.train_accuracy,
         "prompt_oracle_reversal": rev.test_accuracy,
+        "prompt_oracle_token_train": tok.train_accuracy,
+        "prompt_oracle_token": tok.test_accuracy,
+        "prompt_oracle_token_id": -1 if tok.token is None else tok.token,
         "label_balance": float(test.labels.mean()),
     }
     if margin_rows:

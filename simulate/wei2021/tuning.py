@@ -4,9 +4,17 @@
   ``[MASK, x_1..T]``), fitted by logistic regression; the L2 strength is chosen on a validation split.
 * Prompt tuning: k trainable soft prompt vectors in the model's k prompt slots (``[p_1..p_k, MASK,
   x_1..T]``), the model frozen, the same kind of linear head on the prompted G_0; prompt and head trained
-  jointly with Adam on the logistic loss. The slots held ``[MASK]`` (an uninformative token) during
-  pretraining and head tuning, and the prompt starts there and the head at the head-tuning solution, so the
-  search starts exactly from head tuning; the state with the best validation accuracy is kept.
+  jointly with Adam on the logistic loss; the state with the best validation accuracy is kept. Two starts
+  (``TuningConfig.prompt_init``):
+
+  - ``"mask"``: the prompt at the ``[MASK]`` embedding (the empty slots of pretraining and head tuning) and
+    the head at the head-tuning solution: the search starts exactly from head tuning.
+  - ``"token"``: a discrete search first. Each real token v (and ``[MASK]``) is put in the slot next to
+    x_0 -- in the theory, a prompt token x_{-1} = v with likelihood vector u = W^T e_v -- a head is fitted
+    on the prompted G_0, and the candidate with the best validation accuracy is the start. ``[MASK]`` is a
+    candidate, so this start is never worse on validation than head tuning. The slot held real tokens in
+    pretraining, so these are the prompts whose effect the model has been taught; gradient steps from a
+    token start stay near inputs it has seen, where a soft vector far from every embedding need not.
 * Attention head (memory HMM): softmax attention over per-position outputs G_t(x) (keys from log G_t,
   values G_t), a linear read-out of the pooled values.
 """
@@ -40,6 +48,8 @@ class TuningConfig:
     Attributes:
         head_l2_grid: L2 strengths tried for the logistic head (chosen on validation accuracy).
         prompt_steps, prompt_batch, prompt_lr, head_lr: Adam on the prompt and the head.
+        prompt_init: ``"mask"`` (start from head tuning) or ``"token"`` (start from the best real token in
+            the slot next to x_0, chosen on validation accuracy; see the module docstring).
         eval_every: validation accuracy is checked every this many steps (best state kept).
         attention_steps, attention_heads, attention_lr: the attention head (full-batch Adam).
     """
@@ -49,10 +59,15 @@ class TuningConfig:
     prompt_batch: int = 128
     prompt_lr: float = 1e-2
     head_lr: float = 1e-2
+    prompt_init: str = "mask"
     eval_every: int = 25
     attention_steps: int = 400
     attention_heads: int = 4
     attention_lr: float = 5e-2
+
+    def __post_init__(self) -> None:
+        if self.prompt_init not in ("mask", "token"):
+            raise ValueError(f"prompt_init must be 'mask' or 'token', got {self.prompt_init!r}")
 
 
 def _tensor(x: np.ndarray, device: str) -> torch.Tensor:
@@ -87,24 +102,28 @@ def prompt_tuning(model: SmallTransformer, train, val, test, cfg: TuningConfig, 
     Args:
         head_init: the :func:`head_tuning` result to start the head from (computed here if None).
     """
-    if head_init is None:
-        head_init = head_tuning(model, train, val, test, cfg, device)
-    gen = torch.Generator().manual_seed(int(seed))
-    feats = head_init["train_features"]
-    mean = torch.as_tensor(feats.mean(0), dtype=torch.float32, device=device)
-    scale = torch.as_tensor(np.where(feats.std(0) > 1e-8, feats.std(0), 1.0), dtype=torch.float32, device=device)
-    h = head_init["head"]
-    # The head acts on standardised features z = (G - mean) / scale: w_z = w * scale, b_z = b + w . mean.
-    w = torch.nn.Parameter(torch.as_tensor(h.weight, dtype=torch.float32, device=device) * scale)
-    b = torch.nn.Parameter(torch.tensor(h.bias + float(h.weight @ feats.mean(0)), dtype=torch.float32, device=device))
-    mask_vec = model.tok.weight[model.config.mask_id].detach()
     k = model.config.prompt_slots
     if k < 1:
         raise ValueError("prompt tuning needs a model pretrained with prompt_slots >= 1")
+    if head_init is None:
+        head_init = head_tuning(model, train, val, test, cfg, device)
+    gen = torch.Generator().manual_seed(int(seed))
+    mask_vec = model.tok.weight[model.config.mask_id].detach()
+    if cfg.prompt_init == "token":
+        start, feats, h, init = _token_start(model, train, val, test, head_init, device)
+    else:
+        start, feats, h = mask_vec.expand(k, -1).clone(), head_init["train_features"], head_init["head"]
+        init = {"init_token": MASK_TOKEN, "init_val_accuracy": head_init["val_accuracy"],
+                "init_test_accuracy": head_init["test_accuracy"]}
+    mean = torch.as_tensor(feats.mean(0), dtype=torch.float32, device=device)
+    scale = torch.as_tensor(np.where(feats.std(0) > 1e-8, feats.std(0), 1.0), dtype=torch.float32, device=device)
+    # The head acts on standardised features z = (G - mean) / scale: w_z = w * scale, b_z = b + w . mean.
+    w = torch.nn.Parameter(torch.as_tensor(h.weight, dtype=torch.float32, device=device) * scale)
+    b = torch.nn.Parameter(torch.tensor(h.bias + float(h.weight @ feats.mean(0)), dtype=torch.float32, device=device))
     # A little noise breaks the symmetry between slots; at 1% of the [MASK] embedding's scale the start is
-    # the head-tuning model up to that perturbation.
+    # the chosen start (head tuning, or the best token) up to that perturbation.
     noise = 0.01 * mask_vec.norm() / mask_vec.numel() ** 0.5 * torch.randn(k, mask_vec.numel(), generator=gen).to(device)
-    prompt = torch.nn.Parameter(mask_vec.expand(k, -1).clone() + noise)
+    prompt = torch.nn.Parameter(start + noise)
     opt = torch.optim.Adam([{"params": [prompt], "lr": cfg.prompt_lr}, {"params": [w, b], "lr": cfg.head_lr}])
     X = {k: _tensor(d.observed, device) for k, d in (("train", train), ("val", val), ("test", test))}
     Y = {k: torch.as_tensor(d.labels, dtype=torch.float32, device=device) for k, d in
@@ -139,7 +158,41 @@ def prompt_tuning(model: SmallTransformer, train, val, test, cfg: TuningConfig, 
         w.copy_(w_best)
         b.copy_(b_best)
     return {"train_accuracy": acc("train"), "val_accuracy": val_acc, "test_accuracy": acc("test"),
-            "best_step": best_step, "prompt_norm": float(p_best.norm()), "mask_norm": float(mask_vec.norm())}
+            "best_step": best_step, "prompt_norm": float(p_best.norm()), "mask_norm": float(mask_vec.norm()),
+            "prompt_init": cfg.prompt_init, **init}
+
+
+MASK_TOKEN = -1  # ``init_token`` of a start at the [MASK] embedding (as ``simulate.inference.MASK``)
+
+
+def _token_start(model: SmallTransformer, train, val, test, head_init: dict, device: str):
+    """The discrete start of ``prompt_init="token"``: every real token v in the slot next to x_0 (the other
+    slots ``[MASK]``) and ``[MASK]`` itself, each with a logistic head (head tuning's L2) on its prompted
+    G_0; the best validation accuracy wins (ties go to ``[MASK]``, then to the smaller id).
+
+    Returns:
+        (start (k, d) prompt embeddings, the winner's train features (N, n), its head, a record with
+        ``init_token`` (-1 for ``[MASK]``), ``init_val_accuracy``, ``init_test_accuracy``).
+    """
+    k, mask_id = model.config.prompt_slots, model.config.mask_id
+    best = (head_init["val_accuracy"], mask_id, head_init["train_features"], head_init["head"])
+    for v in range(model.config.vocab_size):
+        prompt = model.tok.weight[[mask_id] * (k - 1) + [v]].detach()  # (k, d)
+        f_tr, f_va = (mask_probs(model, _tensor(d.observed, device), prompt).cpu().double().numpy()
+                      for d in (train, val))
+        head = fit_logistic_head(f_tr, train.labels, l2=head_init["l2"])
+        val_acc = accuracy(head.scores(f_va), val.labels)
+        if val_acc > best[0]:
+            best = (val_acc, v, f_tr, head)
+    val_acc, v, f_tr, head = best
+    start = model.tok.weight[[mask_id] * (k - 1) + [v]].detach().clone()
+    if v == mask_id:
+        test_acc = head_init["test_accuracy"]
+    else:
+        f_te = mask_probs(model, _tensor(test.observed, device), start).cpu().double().numpy()
+        test_acc = accuracy(head.scores(f_te), test.labels)
+    return start, f_tr, head, {"init_token": MASK_TOKEN if v == mask_id else int(v), "init_val_accuracy": val_acc,
+                               "init_test_accuracy": test_acc}
 
 
 class AttentionHead(nn.Module):
