@@ -34,8 +34,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not real_model and not slow"
 
+## Speed benchmarks (each times ftsim against its peer in the same run; JSON in benchmarks/results/).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_hmm.py
+	$(BIN)/python benchmarks/bench_ntk.py
+	$(BIN)/python benchmarks/bench_malladi.py --runs results/malladi/quick-*
 
 figures: $(STAMP)
 	$(BIN)/ftsim figures
