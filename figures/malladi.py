@@ -40,7 +40,7 @@ def draw(rows: Sequence[dict], stem: str | Path) -> list[Path]:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     present = [(m, lab) for m, lab in METHODS if any(r["method"] == m and r["metric"] == "accuracy" for r in rows)]
     fig, (a, b) = style.figure(ncols=2, width=style.TEXT_WIDTH, height=2.9,
-                               gridspec_kw={"width_ratios": [max(2.2, 1.1 * len(tasks) + 1), 1.25]})
+                               gridspec_kw={"width_ratios": [max(2.2, 1.1 * len(tasks) + 1), 1.25 + 0.25 * len(tasks)]})
     width = 0.8 / max(len(present), 1)
     rng = np.random.default_rng(0)  # jitter of the seed dots only
     for j, (method, label) in enumerate(present):
@@ -61,7 +61,7 @@ def draw(rows: Sequence[dict], stem: str | Path) -> list[Path]:
     lo = min((_acc(rows, t, m).min() for t in tasks for m, _ in present if _acc(rows, t, m).size), default=40)
     a.set_ylim(max(0, min(45, lo - 5)), 100)
     a.axhline(50, color="0.7", lw=0.6, ls=":")
-    a.set_title(f"(a) accuracy: mean $\\pm$ sd over {seeds} seeds (dots: seeds; hatched: eNTK)")
+    a.set_title(f"(a) accuracy, mean $\\pm$ sd over {seeds} seeds (hatched: eNTK)")
     a.legend(ncol=4, fontsize=5.5, loc="upper center", bbox_to_anchor=(0.5, -0.1), columnspacing=0.8,
              handlelength=1.2)
 
@@ -91,12 +91,13 @@ def draw(rows: Sequence[dict], stem: str | Path) -> list[Path]:
         b.plot(lims, lims, color="0.4", lw=0.7, ls="--")
         b.set_xlim(lims)
         b.set_ylim(lims)
-        b.legend(fontsize=5, loc="lower right", handletextpad=0.3)
+        b.legend(fontsize=5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1 if len(tasks) < 2 else 2,
+                 handletextpad=0.3, columnspacing=0.8)
     else:
         b.text(0.5, 0.5, "no diagnostics in this run", ha="center", va="center", transform=b.transAxes)
     b.set_xlabel("fine-tuned accuracy (%)")
     b.set_ylabel("linearised-model accuracy (%)")
-    b.set_title("(b) linearisation around $\\theta_0$ (dotted: zero-shot)")
+    b.set_title("(b) linearised model vs FT (dotted: zero-shot)")
     return style.save(fig, stem)
 
 
@@ -105,3 +106,38 @@ def redraw(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "results.jsonl")
     return draw(rows, run_dir / "malladi")
+
+
+def combine(run_dirs: Sequence[str | Path], stem: str | Path) -> list[Path]:
+    """One figure and one methods x tasks table (``stem.md``: accuracy, then the diagnostics) from several runs
+    (e.g. one per task). Rows are read from each run's ``results.jsonl``; nothing is recomputed."""
+    from ftsim.io import atomic_write_text
+    from real_tasks.malladi import task_table_markdown
+
+    rows = [r for d in run_dirs for r in read_jsonl(Path(d) / "results.jsonl")]
+    if not rows:
+        raise ValueError(f"no result rows in {', '.join(map(str, run_dirs))}")
+    stem = Path(stem)
+    text = ["Test accuracy % (mean (std) over seeds):", "", task_table_markdown(rows)]
+    for metric, scale, digits, label in (("linearized_accuracy", 100, 1, "linearised-model accuracy %"),
+                                         ("gain_recovered", 1, 2, "share of FT's gain over zero-shot recovered by "
+                                                                  "the linearised model"),
+                                         ("lin_output_rel_error", 1, 3, "||f_lin - f_FT|| / ||f_FT - f_0|| on the test "
+                                                                        "outputs"),
+                                         ("kernel_rel_change", 1, 3, "eNTK movement ||K_FT - K_0||_F / ||K_0||_F")):
+        sub = [r for r in rows if r["metric"] == metric]
+        if sub:
+            text += ["", f"{label}:", "", task_table_markdown(sub, metric=metric, scale=scale, digits=digits)]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(text))
+    return draw(rows, stem) + [stem.with_suffix(".md")]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Combine malladi runs (e.g. one per task) into one figure and table.")
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories (results/malladi/<preset>-<hash>)")
+    ap.add_argument("--out", type=Path, default=Path("figures/out/malladi"), help="output stem (.pdf/.png/.md)")
+    for p in combine(ap.parse_args().runs, ap.parse_args().out):
+        print(p)

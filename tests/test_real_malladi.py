@@ -77,6 +77,15 @@ def test_pipeline_end_to_end_and_resume(task_dir, results_tmp, capsys):
     assert {n for n in stamps if again[n] != stamps[n]} == {"ft-adam-s21.json"}
     assert read_jsonl(run_dir / "results.jsonl") == rows  # same seed, same numbers
 
+    # Several runs -> one methods x tasks table and figure, from the stored rows only.
+    from figures.malladi import combine
+
+    paths = combine([run_dir], run_dir.parent / "combined")
+    table = paths[-1].read_text()
+    mean_sgd = 100 * np.mean([r["value"] for r in acc if r["method"] == "FT-SGD"])
+    assert "| method | SST-2 |" in table and f"| FT-SGD | {mean_sgd:.1f} (" in table
+    assert all(p.is_file() for p in paths)
+
 
 def test_units_are_reused_across_runs(task_dir, results_tmp, capsys):
     """Results are cached per (task, model, k, seed, method): a second run with another method list (another
