@@ -139,5 +139,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Combine malladi runs (e.g. one per task) into one figure and table.")
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (results/malladi/<preset>-<hash>)")
     ap.add_argument("--out", type=Path, default=Path("figures/out/malladi"), help="output stem (.pdf/.png/.md)")
-    for p in combine(ap.parse_args().runs, ap.parse_args().out):
+    args = ap.parse_args()
+    for p in combine(args.runs, args.out):
         print(p)

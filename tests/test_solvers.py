@@ -249,3 +249,19 @@ def test_flat_class_coupled_kernels_infer_c_from_the_labels():
                                gradient_flow(K4, np.eye(C)[y], 2.0, k_test_train=Kx4).numpy(), atol=1e-10)
     with pytest.raises(ValueError, match="not a multiple"):
         kernel_regression(K, y[:7], Kx)
+
+
+@pytest.mark.parametrize("solver", ["regression", "logistic", "flow", "asym"])
+def test_every_solver_names_a_test_kernel_of_the_wrong_width(solver):
+    """A (M, N') test kernel with N' != N is rejected before any algebra, naming both kernels, by all four
+    solvers (kernel logistic regression used to fail later inside a matmul)."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((5, 3))
+    k_train, labels = g @ g.T, np.array([0, 1, 0, 1, 1])
+    bad = rng.standard_normal((2, 4))  # 4 columns for 5 training examples
+    call = {"regression": lambda: kernel_regression(k_train, labels, bad),
+            "logistic": lambda: kernel_logistic_regression(k_train, labels, bad, ridge=1e-3),
+            "flow": lambda: gradient_flow(k_train, labels, [1.0], k_test_train=bad),
+            "asym": lambda: asymmetric_lssvm(bad, k_train, labels)}[solver]
+    with pytest.raises(ValueError, match=r"has 4 columns but k_train(_asym)? has 5 rows"):
+        call()

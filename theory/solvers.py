@@ -57,7 +57,10 @@ def _train_kernel(k, labels, name: str) -> tuple[torch.Tensor, int]:
     number of labels (rows of the targets), so flat class-coupled kernels need no extra argument."""
     k = _t(k, name)
     if k.ndim != 2:
-        return as_matrix(k, name)
+        k, C = as_matrix(k, name)
+        _check_square(k, name)
+        return k, C
+    _check_square(k, name)
     y = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
     n = int(y.shape[0])
     if n == 0 or k.shape[0] % n:
@@ -122,6 +125,14 @@ def _check_square(k: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: a training kernel must be square, got {tuple(k.shape)}")
 
 
+def _test_kernel(k, name: str, C: int, k_train: torch.Tensor, train_name: str) -> torch.Tensor:
+    """The flat (M*C, N*C) test-by-train kernel, checked against the flat training kernel's size."""
+    kx, _ = as_matrix(k, name, C)
+    if kx.shape[1] != k_train.shape[0]:
+        raise ValueError(f"{name} has {kx.shape[1]} columns but {train_name} has {k_train.shape[0]} rows")
+    return kx
+
+
 def _eigh_psd(k: torch.Tensor, rcond: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of the symmetric part of k, eigenvalues below rcond * max clipped to 0."""
     lam, V = torch.linalg.eigh((k + k.T) / 2)
@@ -159,11 +170,8 @@ def kernel_regression(k_train, y_train, k_test_train, *, f0_train=None, f0_test=
         (M, C) predictions.
     """
     K, C = _train_kernel(k_train, y_train, "k_train")
-    _check_square(K, "k_train")
-    Kx, _ = as_matrix(k_test_train, "k_test_train", C)
+    Kx = _test_kernel(k_test_train, "k_test_train", C, K, "k_train")
     n, m = K.shape[0] // C, Kx.shape[0] // C
-    if Kx.shape[1] != K.shape[0]:
-        raise ValueError(f"k_test_train has {Kx.shape[1]} columns but k_train has {K.shape[0]} rows")
     y = targets_from_labels(y_train, C)
     r = (y - _outputs(f0_train, n, C, "f0_train")).reshape(-1)
     lam = _ridge_value(K, ridge, ridge_scale)
@@ -205,7 +213,6 @@ def gradient_flow(k_train, y_train, t=None, *, k_test_train=None, f0_train=None,
         (M, C) test or (N, C) training outputs; (T, ., C) for a sequence of times.
     """
     K, C = _train_kernel(k_train, y_train, "k_train")
-    _check_square(K, "k_train")
     n = K.shape[0] // C
     y = targets_from_labels(y_train, C)
     f0 = _outputs(f0_train, n, C, "f0_train")
@@ -213,9 +220,7 @@ def gradient_flow(k_train, y_train, t=None, *, k_test_train=None, f0_train=None,
     lam, V = _eigh_psd(K, rcond)
     r_eig = V.T @ r
     if k_test_train is not None:
-        Kx, _ = as_matrix(k_test_train, "k_test_train", C)
-        if Kx.shape[1] != K.shape[0]:
-            raise ValueError(f"k_test_train has {Kx.shape[1]} columns but k_train has {K.shape[0]} rows")
+        Kx = _test_kernel(k_test_train, "k_test_train", C, K, "k_train")
         m = Kx.shape[0] // C
         KxV = Kx @ V
         base = _outputs(f0_test, m, C, "f0_test")
@@ -275,8 +280,7 @@ def kernel_logistic_regression(k_train, labels, k_test_train, *, f0_train=None, 
         (M, C) test logits.
     """
     K, C = _train_kernel(k_train, labels, "k_train")
-    _check_square(K, "k_train")
-    Kx, _ = as_matrix(k_test_train, "k_test_train", C)
+    Kx = _test_kernel(k_test_train, "k_test_train", C, K, "k_train")
     n, m = K.shape[0] // C, Kx.shape[0] // C
     lam_reg = _ridge_value(K, ridge, ridge_scale)
     if lam_reg <= 0:
@@ -370,11 +374,8 @@ def asymmetric_lssvm(k_test_train_asym, k_train_asym, labels, *, k_train_test_as
         (M, C) predictions.
     """
     A, C = _train_kernel(k_train_asym, labels, "k_train_asym")
-    _check_square(A, "k_train_asym")
-    Kx, _ = as_matrix(k_test_train_asym, "k_test_train_asym", C)
+    Kx = _test_kernel(k_test_train_asym, "k_test_train_asym", C, A, "k_train_asym")
     n, m = A.shape[0] // C, Kx.shape[0] // C
-    if Kx.shape[1] != A.shape[0]:
-        raise ValueError(f"k_test_train_asym has {Kx.shape[1]} columns but k_train_asym has {A.shape[0]} rows")
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     t = (targets_from_labels(labels, C) - _outputs(f0_train, n, C, "f0_train")).reshape(-1)
