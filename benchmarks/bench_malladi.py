@@ -4,9 +4,11 @@ Measured in one run, each against the peer that bounds it from below:
 
 * **gradient floor** -- one forward + ``backward()`` of the kernel output f = z_great - z_terrible for one
   prompted SST-2 example (the gradient work any eNTK method needs per example);
-* **eNTK per example** -- ``theory.ntk.empirical_ntk`` as the quick preset calls it (count-sketch, k = 16384,
-  float32 accumulation, vmap-ed per-example gradients, 6 GiB budget) on N examples, divided by N; ratio to the
-  floor = the engine's overhead (sketching 134.5M coordinates per example);
+* **eNTK per example** -- ``theory.ntk.empirical_ntk`` as the quick preset calls it for the diagnostics
+  (count-sketch, k = 16384, float32 accumulation, vmap-ed per-example gradients, 6 GiB budget) on N examples,
+  divided by N; ratio to the floor = the engine's overhead (sketching 134.5M coordinates per example);
+* **factored eNTK** -- the exact SGD and A-SignGD kernels together, as the quick preset computes the union
+  kernels (``implementation="factored"``), on ``--n-factored`` examples (cost per example grows with N);
 * **fine-tuning step** -- one Adam step on a batch of 8 (forward, backward, clip, update); ratio to 8 floors;
 * **evaluation** -- a no-grad forward per example in batches of 16;
 * **linearisation** -- the forward-mode JVP of :func:`real_tasks.finetune.linearized_scores` per example; ratio
@@ -52,6 +54,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=8, help="examples for the eNTK timing")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--n-factored", type=int, default=64, help="examples for the factored-engine timing")
     ap.add_argument("--runs", nargs="*", default=[], help="malladi run directories whose summaries to include")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_malladi.json")
     args = ap.parse_args()
@@ -101,6 +104,22 @@ def main() -> int:
 
     entk_s = best_of(entk, args.repeats) / n
 
+    # the factored engine as the quick preset now calls it for the union kernels: exact, float64 accumulation, the
+    # SGD and A-SignGD kernels from one set of captures, on n_f examples (its cost per example grows with N: the
+    # Gram product is N^2 P)
+    from real_tasks.entk import compute_kernel
+
+    n_f = min(args.n_factored, len(train) + len(test))
+    both = encode_set(lm, (list(split.train) + list(split.test))[:n_f], prompt=prompt, label_tokens=lt)
+    fplan = {}
+
+    def factored():
+        res = compute_kernel(clf, both, kernel=["sgd", "asigngd"], implementation="factored",
+                             memory_budget=6 << 30)
+        fplan["text"] = res["sgd"]["plan_text"]
+
+    factored_s = best_of(factored, 1)
+
     # one fine-tuning step (Adam, batch 8)
     def step():
         restore(lm.model, theta0)
@@ -135,6 +154,9 @@ def main() -> int:
         "per_example_seconds": {"gradient_floor": floor_s, "entk_sketch": entk_s, "eval_forward": eval_s,
                                 "linearize_jvp": lin_s},
         "finetune_step_seconds_batch8": step_s,
+        "factored_sgd_and_asigngd": {"examples": n_f, "seconds": factored_s, "per_example": factored_s / n_f,
+                                     "per_example_over_gradient_floor": factored_s / n_f / floor_s,
+                                     "plan": fplan.get("text")},
         "ratios": {"entk_over_gradient_floor": entk_s / floor_s,
                    "finetune_step_over_8_gradient_floors": step_s / (8 * floor_s),
                    "linearize_over_eval_forward": lin_s / eval_s},

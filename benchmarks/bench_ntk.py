@@ -8,8 +8,11 @@ GPT-style transformer (random weights, 2-way output at the last position), compu
                ``vmap(vmap(jvp))`` of the forward pass with every Jacobian row as tangent. Re-implemented here from
                that description with their per-device outer batch of 1 and an inner batch of 16. Its cost is linear
                in the number of outer examples, so a measured subset is timed and extrapolated (said in the JSON);
-(c) ours       ``theory.ntk.empirical_ntk`` (auto plan: symmetric streaming, vmap-ed per-example gradients,
-               block-triangular products accumulated in float64);
+(c) ours       ``theory.ntk.empirical_ntk`` with its default ``implementation="auto"``, which picks the factored
+               engine (``theory/ntk_factored.py``): C batched backward passes capture each layer's inputs and
+               output gradients, per-example rows are rebuilt one tensor at a time and contracted in one wide
+               product, accumulated in float64; the check against vmap-ed per-example gradients on 3 examples
+               that auto runs first is included in the time;
 (d) floor      C batched forward + backward passes over all N inputs (the gradient work any method needs) plus the
                (N C) x (N C) x P Gram product (float32 GEMM, float64 accumulation over 2^20-column chunks).
 
@@ -45,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from theory.memory import PeakMemory, format_bytes, rss_bytes  # noqa: E402
-from theory.ntk import _Gradients, empirical_ntk, select_parameters  # noqa: E402
+from theory.ntk import empirical_ntk  # noqa: E402
 
 
 class Block(nn.Module):
@@ -295,15 +298,21 @@ def main(argv=None) -> int:
     print(f"(c) ours: {t_ours:.2f} s\n{res.plan.describe()}", flush=True)
     del res
 
-    # per-example gradients alone (the vmap-ed blocks of (c), without products or stores): where (c) spends
+    # where (c) spends: the capture passes alone, and the previous engine (vmap-ed per-example gradients,
+    # symmetric streaming) for comparison
+    from theory.ntk_factored import capture_block
+
     t0 = time.perf_counter()
-    grads = _Gradients(f, params, select_parameters(params), "vmap")
-    grads.probe(ids[:1])
     b = results["ours"]["plan"]["batch_size"]
     for s in range(0, args.n, b):
-        grads.block(ids[s:s + b])
-    results["ours"]["per_example_gradients_only_s"] = time.perf_counter() - t0
-    del grads
+        capture_block(f, params, list(params), ids[s:s + b], min(args.n, s + b) - s)
+    results["ours"]["capture_passes_only_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = empirical_ntk(f, params, ids, memory_budget=budget, implementation="streaming")
+    results["ours_streaming"] = {"time_s": time.perf_counter() - t0, "plan_text": res.plan.describe(),
+                                 "relative_frobenius_vs_ours": rel(res.matrix(), K_ours)}
+    print(f"(c') ours, per-example streaming: {results['ours_streaming']['time_s']:.2f} s", flush=True)
+    del res
 
     t0 = time.perf_counter()
     K_naive, J_naive, phases = naive_kernel(model, ids)

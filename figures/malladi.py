@@ -108,13 +108,23 @@ def redraw(run_dir: Path) -> list[Path]:
     return draw(rows, run_dir / "malladi")
 
 
+def _latest(rows: list[dict]) -> list[dict]:
+    """Rows with a later run's row replacing an earlier one for the same (task, model, k, method, seed, metric)."""
+    keep: dict[tuple, dict] = {}
+    for r in rows:
+        keep[tuple(str(r.get(k)) for k in ("task", "model", "k", "method", "seed", "metric"))] = r
+    return list(keep.values())
+
+
 def combine(run_dirs: Sequence[str | Path], stem: str | Path) -> list[Path]:
     """One figure and one methods x tasks table (``stem.md``: accuracy, then the diagnostics) from several runs
-    (e.g. one per task). Rows are read from each run's ``results.jsonl``; nothing is recomputed."""
+    (e.g. one per task). Rows are read from each run's ``results.jsonl``; nothing is recomputed. A later run
+    replaces an earlier one's rows for the same task, model, k, method, seed and metric (e.g. kernels recomputed
+    with another engine: ``--methods k-sgd,k-asigngd,k-noprompt``)."""
     from ftsim.io import atomic_write_text
     from real_tasks.malladi import task_table_markdown
 
-    rows = [r for d in run_dirs for r in read_jsonl(Path(d) / "results.jsonl")]
+    rows = _latest([r for d in run_dirs for r in read_jsonl(Path(d) / "results.jsonl")])
     if not rows:
         raise ValueError(f"no result rows in {', '.join(map(str, run_dirs))}")
     stem = Path(stem)

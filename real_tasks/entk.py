@@ -2,8 +2,9 @@
 
 One kernel per (model function, kernel formula) is computed over the *union* U of the shared test subset and the
 training sets of all data seeds, so every test-side gradient is computed once per task and shared by the five
-seeds (a 135M-parameter gradient is 540 MB in float32: they are never stored, only count-sketched or streamed by
-the engine). Each seed's kernel machine then reads its rows and columns out of the U x U kernel:
+seeds (a 135M-parameter gradient is 540 MB in float32: the engine never stores them whole; its factored
+implementation rebuilds them one parameter tensor at a time from captured layer inputs and output gradients).
+Each seed's kernel machine then reads its rows and columns out of the U x U kernel:
 
 * K-SGD: kernel regression with the f_0 correction,
   ``f(x) = f_0(x) + K(x, X) K(X, X)^+ (y - f_0(X))`` (:func:`theory.solvers.kernel_regression`), and kernel
@@ -80,36 +81,53 @@ def kernel_union(splits: Sequence[KShotSplit]) -> KernelUnion:
     return KernelUnion(tuple(examples), tuple(range(len(test))), train_rows, tuple(pool))
 
 
-def compute_kernel(module: torch.nn.Module, data: EncodedSet, *, kernel: str, implementation: str = "auto",
-                   sketch_dim: int | None = None, memory_budget: int | None = None, seed: int = 0,
-                   device: str | torch.device = "cpu", progress: bool = False,
+def compute_kernel(module: torch.nn.Module, data: EncodedSet, *, kernel: str | Sequence[str],
+                   implementation: str = "auto", sketch_dim: int | None = None, memory_budget: int | None = None,
+                   seed: int = 0, device: str | torch.device = "cpu", progress: bool = False,
                    params: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float64) -> dict:
     """The symmetric eNTK of ``module``'s kernel outputs over all of ``data`` (x2 = x1).
 
     For ``kernel="asigngd"`` the result is the non-symmetric ``K[i, j] = <g(x_i), sign g(x_j)>`` for all pairs.
-    ``dtype`` is the engine's accumulation dtype (float32 halves the memory traffic of a count-sketch, whose own
-    error, about 1% of ||g|| ||g'|| at k = 16384, dwarfs float32 rounding).
+    A sequence of kernels (``("sgd", "asigngd")``) is computed from one set of per-example gradients where the
+    engine's factored implementation applies (:func:`theory.ntk.empirical_ntks`), and a dict kernel -> result is
+    returned. The examples are ordered longest first and every block of the engine drops its all-padding columns
+    (the kernel is returned in ``data``'s order): similar lengths share a block, so little padding is
+    processed. ``dtype`` is the engine's accumulation dtype (float32 halves the memory traffic of a count-sketch,
+    whose own error, about 1% of ||g|| ||g'|| at k = 16384, dwarfs float32 rounding).
 
     Returns:
         ``{"kernel": (N*C, N*C) float64 numpy, "outputs": (N, C) float64 numpy (f at ``params``), "plan": dict,
-        "error_bound": (N*C, N*C) numpy or None, "seconds": float, "num_outputs": C}``.
+        "error_bound": (N*C, N*C) numpy or None, "seconds": float, "num_outputs": C}`` (one per kernel for a
+        sequence).
     """
-    from theory.ntk import empirical_ntk
+    from theory.ntk import empirical_ntks
 
     module.eval()
-    f = functional_outputs(module)
+    f = functional_outputs(module, trim=True)
     if params is None:
         params = {k: v.detach() for k, v in module.named_parameters()}
+    n = len(data)
+    order = torch.argsort(data.lengths, descending=True, stable=True)  # the engine sizes memory on the first ones
+    inv = torch.argsort(order)
+    batch = {k: (v[order] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v)
+             for k, v in data.batch.items()}
+    kernels = (kernel,) if isinstance(kernel, str) else tuple(kernel)
     t0 = time.perf_counter()
-    res = empirical_ntk(f, params, data.batch, None, kernel=kernel, implementation=implementation,
-                        memory_budget=memory_budget, sketch_dim=sketch_dim, seed=seed, dtype=dtype,
-                        device=device, progress=progress)
+    results = empirical_ntks(f, params, batch, None, kernels=kernels, implementation=implementation,
+                             memory_budget=memory_budget, sketch_dim=sketch_dim, seed=seed, dtype=dtype,
+                             device=device, progress=progress)
     seconds = time.perf_counter() - t0
-    n, c = res.kernel.shape[0], res.kernel.shape[1]
-    return {"kernel": res.matrix().double().numpy(), "outputs": res.outputs1.double().reshape(n, c).numpy(),
-            "plan": res.plan.to_dict(), "plan_text": res.plan.describe(),
-            "error_bound": None if res.error_bound is None else res.error_bound.reshape(n * c, n * c).double().numpy(),
-            "seconds": seconds, "num_outputs": c}
+    out = {}
+    for name, res in results.items():
+        c = res.kernel.shape[1]
+        K = res.kernel[inv][:, :, inv]
+        bound = None if res.error_bound is None else res.error_bound[inv][:, :, inv]
+        out[name] = {"kernel": K.reshape(n * c, n * c).double().numpy(),
+                     "outputs": res.outputs1[inv].double().reshape(n, c).numpy(),
+                     "plan": res.plan.to_dict(), "plan_text": res.plan.describe(),
+                     "error_bound": None if bound is None else bound.reshape(n * c, n * c).double().numpy(),
+                     "seconds": seconds / len(results), "num_outputs": c}
+    return out[kernels[0]] if isinstance(kernel, str) else out
 
 
 def _rows(index: Sequence[int], c: int) -> np.ndarray:

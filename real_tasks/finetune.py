@@ -251,15 +251,23 @@ def finetune(module: nn.Module, train: EncodedSet, dev: EncodedSet | None, cfg: 
                     loss_val)
 
 
-def functional_outputs(module: nn.Module):
+def functional_outputs(module: nn.Module, trim: bool = False):
     """The model function of the eNTK contract: ``f(params, batch) -> (B, C')`` kernel outputs of ``module``
-    (:func:`real_tasks.models.kernel_outputs`) with ``params`` substituted by ``torch.func.functional_call``."""
+    (:func:`real_tasks.models.kernel_outputs`) with ``params`` substituted by ``torch.func.functional_call``.
+
+    With ``trim`` the columns that are padding in every row of the batch are dropped first
+    (:func:`real_tasks.models.trim_batch`; the outputs are unchanged), except under ``vmap``, where the batch is
+    one example and trimming would be data-dependent control flow."""
     from torch.func import functional_call
+
+    from real_tasks.models import trim_batch
 
     if module.training:
         raise ValueError("functional_outputs: put the module in eval mode (the eNTK is of the deterministic model)")
 
     def f(params, batch):
+        if trim and not torch._C._functorch.is_batchedtensor(batch["attention_mask"]):
+            batch = trim_batch(batch)
         return kernel_outputs(functional_call(module, params, (batch,)))
 
     return f

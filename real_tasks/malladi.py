@@ -76,7 +76,11 @@ class MalladiConfig:
     max_grad_norm: Optional[float] = _f(1.0, "gradient-norm clipping (Hugging Face Trainer default)")
     head_seed: int = _f(0, "seed of the new linear head of standard FT (one head for all data seeds, so one "
                            "kernel serves them all)")
-    ntk_implementation: Literal["auto", "jacobian", "streaming", "sketch"] = _f("auto", "eNTK engine algorithm")
+    ntk_implementation: Literal["auto", "jacobian", "streaming", "sketch", "factored"] = _f(
+        "auto", "eNTK engine algorithm")
+    union_ntk_implementation: Optional[Literal["auto", "jacobian", "streaming", "sketch", "factored"]] = _f(
+        None, "engine of the union kernels behind K-SGD / K-A-SignGD / no-prompt kernel, exact ones accumulated in "
+              "float64 (None: as ntk_implementation); ntk_* then apply to the diagnostics' kernel movement only")
     sketch_dim: Optional[int] = _f(None, "count-sketch dimension when the engine sketches (default: engine's)")
     sketch_seed: int = _f(0, "seed of the sketch hashes")
     memory_budget_gb: Optional[float] = _f(None, "memory the eNTK engine may use (default: half of what is free)")
@@ -109,12 +113,13 @@ PRESETS = {
     # for every method; one learning rate per optimiser instead of a grid, set from the gradient scale (with the
     # gradient clipped to norm 1, an SGD step moves f by at most lr*||grad f|| ~ 80*lr logits for SmolLM2) and
     # checked on seed 13's validation set; 16 steps of batch 8 (4 epochs of the 32 examples) instead of 1000;
-    # validation every 4 steps; the eNTK count-sketched to 16384 dimensions in float32 (the exact kernel would
-    # need 540 MB per example for 134.5M parameters); kernel movement on 8 training examples per seed.
+    # validation every 4 steps; the union kernels exact (factored engine, float64, 10 GiB); kernel movement on 8
+    # training examples per seed with the eNTK count-sketched to 16384 dimensions in float32 (K(theta_0) and
+    # K(theta_FT) with the same hashes; kept from the first runs so that their fine-tuning units stay cached).
     "quick": MalladiConfig(
         model="smollm2", test_size=100, ft_steps=16, batch_sizes=(8,), sgd_lrs=(1e-2,), adam_lrs=(1e-5,),
         noprompt_lrs=(1e-2,), eval_every=4, ntk_implementation="sketch", sketch_dim=16384, ntk_dtype="float32",
-        memory_budget_gb=6.0, diag_test_size=None, diag_train_size=8),
+        union_ntk_implementation="factored", memory_budget_gb=10.0, diag_test_size=None, diag_train_size=8),
     "paper": MalladiConfig(),
 }
 
@@ -216,11 +221,21 @@ class _Run:
     def union_set(self, use_prompt: bool):
         return self.encoded("union", self.union.examples, use_prompt)
 
-    def ntk_options(self) -> dict:
+    def ntk_options(self, union: bool = False) -> dict:
+        """Engine options of the diagnostics' kernels, or (``union``) of the union kernels."""
         cfg = self.cfg
-        return {"implementation": cfg.ntk_implementation, "sketch_dim": cfg.sketch_dim, "seed": cfg.sketch_seed,
+        opts = {"implementation": cfg.ntk_implementation, "sketch_dim": cfg.sketch_dim, "seed": cfg.sketch_seed,
                 "memory_budget": None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * 2 ** 30),
                 "dtype": getattr(self.torch, cfg.ntk_dtype)}
+        if union and self.union_engine_differs:
+            opts.update(implementation=cfg.union_ntk_implementation, dtype=self.torch.float64,
+                        sketch_dim=cfg.sketch_dim if cfg.union_ntk_implementation in ("sketch", "auto") else None)
+        return opts
+
+    @property
+    def union_engine_differs(self) -> bool:
+        u = self.cfg.union_ntk_implementation
+        return u is not None and u != self.cfg.ntk_implementation
 
     # -- unit records: this run's store first, then the cross-run cache keyed by content ---------------------
     def _unit_key(self, unit: str, settings: dict) -> str:
@@ -264,49 +279,84 @@ class _Run:
         self._save("zeroshot", key, rec)
         return rec
 
-    def kernel(self, name: str) -> dict:
-        """``name``: prompt-sgd, prompt-asigngd or noprompt-sgd. Returns the record with arrays loaded."""
-        from real_tasks.entk import compute_kernel
-
+    def _kernel_paths(self, name: str) -> tuple[str, dict[str, Path], Path]:
         use_prompt = name.startswith("prompt")
-        kernel = name.split("-")[1]
-        opts = self.ntk_options()
+        opts = self.ntk_options(union=True)
         key = stable_hash({**self.key_base, "kernel": name, "head_seed": None if use_prompt else self.cfg.head_seed,
                            "ntk": {k: str(v) for k, v in opts.items() if k != "memory_budget"}})
         folder = Path(self.ctx.cache_dir) / "malladi"
         paths = {part: folder / f"{self.spec.name.replace(' ', '_')}-{name}-{key}-{part}.npy"
                  for part in ("kernel", "outputs")}
+        return key, paths, folder
+
+    def _cached_kernel(self, name: str) -> dict | None:
+        key, paths, folder = self._kernel_paths(name)
         unit = f"kernel-{name}"
         rec = None if self.ctx.overwrite else self.ctx.store.get(unit)
         if rec is not None and all(Path(p).is_file() for p in rec.get("paths", {}).values()):
             # this run directory's kernel (same config): trusted even if the key scheme changed since
-            paths = {k: Path(v) for k, v in rec["paths"].items()}
-            rec = dict(rec)
-        elif not self.ctx.overwrite and all(p.is_file() for p in paths.values()) and (folder / f"{unit}-{key}.json").is_file():
+            return dict(rec)
+        if not self.ctx.overwrite and all(p.is_file() for p in paths.values()) and (folder / f"{unit}-{key}.json").is_file():
             from ftsim.io import read_json
 
             rec = read_json(folder / f"{unit}-{key}.json")
             self.ctx.store.put(unit, rec)
-        else:
+            return rec
+        return None
+
+    def kernel(self, name: str, also: tuple[str, ...] = ()) -> dict:
+        """``name``: prompt-sgd, prompt-asigngd or noprompt-sgd. Returns the record with arrays loaded.
+
+        Kernels in ``also`` of the same model function (prompt or not) that are not cached yet are computed in the
+        same engine call (one set of per-example gradients for all) and cached for their own call."""
+        from real_tasks.entk import compute_kernel
+
+        rec = self._cached_kernel(name)
+        if rec is None:
+            use_prompt = name.startswith("prompt")
+            names = [name] + [a for a in also if a != name and a.startswith("prompt") == use_prompt
+                              and self._cached_kernel(a) is None]
             self.restore_theta0()
             module = self.classifier(use_prompt)
-            res = compute_kernel(module, self.union_set(use_prompt), kernel=kernel, device=self.ctx.device,
-                                 progress=self.ctx.progress, **opts)
-            hashes = {part: save_npy(paths[part], res[part]) for part in paths}
-            rec = {"key": key, "paths": {k: str(v) for k, v in paths.items()}, "sha256": hashes,
-                   "plan": res["plan"], "plan_text": res["plan_text"], "seconds": res["seconds"],
-                   "num_outputs": res["num_outputs"], "size": len(self.union.examples)}
-            if res["error_bound"] is not None:
-                diag = np.sqrt(np.clip(np.diag(res["kernel"]), 0, None))
-                rel = res["error_bound"] / np.maximum(np.abs(res["kernel"]), 1e-300)
-                rec["sketch_std_bound_over_norms"] = float(np.max(res["error_bound"] / np.maximum(
-                    np.outer(diag, diag), 1e-300)))
-                rec["sketch_std_bound_relative_median"] = float(np.median(rel))
-            write_json(folder / f"{unit}-{key}.json", rec)
-            self.ctx.store.put(unit, rec)
-        rec["kernel"] = np.load(paths["kernel"], allow_pickle=False)
-        rec["outputs"] = np.load(paths["outputs"], allow_pickle=False)
+            res = compute_kernel(module, self.union_set(use_prompt), kernel=[n.split("-")[1] for n in names],
+                                 device=self.ctx.device, progress=self.ctx.progress, **self.ntk_options(union=True))
+            for nm in names:
+                r = res[nm.split("-")[1]]
+                key, paths, folder = self._kernel_paths(nm)
+                hashes = {part: save_npy(paths[part], r[part]) for part in paths}
+                rec_n = {"key": key, "paths": {k: str(v) for k, v in paths.items()}, "sha256": hashes,
+                         "plan": r["plan"], "plan_text": r["plan_text"], "seconds": r["seconds"],
+                         "num_outputs": r["num_outputs"], "size": len(self.union.examples),
+                         "computed_with": names}
+                if r["error_bound"] is not None:
+                    diag = np.sqrt(np.clip(np.diag(r["kernel"]), 0, None))
+                    rel = r["error_bound"] / np.maximum(np.abs(r["kernel"]), 1e-300)
+                    rec_n["sketch_std_bound_over_norms"] = float(np.max(r["error_bound"] / np.maximum(
+                        np.outer(diag, diag), 1e-300)))
+                    rec_n["sketch_std_bound_relative_median"] = float(np.median(rel))
+                write_json(folder / f"kernel-{nm}-{key}.json", rec_n)
+                self.ctx.store.put(f"kernel-{nm}", rec_n)
+                if nm == name:
+                    rec = dict(rec_n)
+        rec["kernel"] = np.load(rec["paths"]["kernel"], allow_pickle=False)
+        rec["outputs"] = np.load(rec["paths"]["outputs"], allow_pickle=False)
         return rec
+
+    def diag_kernel0(self, seed: int, positions: list[int]) -> np.ndarray:
+        """The diagnostics' SGD kernel at theta_0 on the training positions of ``seed`` (cached per run)."""
+        from real_tasks.entk import compute_kernel
+
+        unit = f"diag-kernel0-{seed}"
+        rec = None if self.ctx.overwrite else self.ctx.store.get(unit)
+        if rec is None or rec.get("positions") != list(positions):
+            self.restore_theta0()
+            split = self.splits[seed]
+            sub = self.encoded(f"diag-train-{seed}-{len(positions)}", [split.train[i] for i in positions], True)
+            k0 = compute_kernel(self.classifier(True), sub, kernel="sgd", device=self.ctx.device,
+                                progress=self.ctx.progress, **self.ntk_options())
+            rec = {"positions": list(positions), "kernel": k0["kernel"].tolist(), "seconds": k0["seconds"]}
+            self.ctx.store.put(unit, rec)
+        return np.asarray(rec["kernel"], float)
 
     def finetune_unit(self, method: str, seed: int, k0_inline: bool) -> dict:
         """Fine-tune with the method's grid on one seed; keep the best on validation; diagnostics.
@@ -523,9 +573,10 @@ def run(cfg: MalladiConfig, ctx: RunContext) -> dict:
     kernels: dict[str, dict] = {}
     wanted = {"prompt-sgd": "k-sgd" in methods, "prompt-asigngd": "k-asigngd" in methods,
               "noprompt-sgd": "k-noprompt" in methods}
+    also = tuple(n for n, need in wanted.items() if need)
     for name, need in wanted.items():
         if need:
-            kernels[name] = R.kernel(name)
+            kernels[name] = R.kernel(name, also)
             seconds["entk"] += kernels[name]["seconds"]
     if "prompt-sgd" in kernels and "zero-shot" in methods:
         # Self-check: the engine's f_0 on the test rows must predict what zero-shot prompting predicts.
@@ -559,7 +610,11 @@ def run(cfg: MalladiConfig, ctx: RunContext) -> dict:
         diag = dict(rec.get("diagnostics", {}))
         seconds["finetune"] += rec.get("ft_seconds", rec.get("seconds", 0.0))
         seconds["diagnostics"] += diag.get("linearize_seconds", 0.0) + diag.get("kernel_seconds", 0.0)
-        if "kernel_ft" in diag and "kernel_distance" not in diag and "prompt-sgd" in kernels:
+        if "kernel_ft" in diag and "kernel_distance" not in diag and R.union_engine_differs:
+            # K(theta_0) with the diagnostics' engine (same algorithm, sketch and hashes as K(theta_FT))
+            diag.update(kernel_distance_metrics(R.diag_kernel0(seed, diag["diag_train_positions"]),
+                                                np.asarray(diag["kernel_ft"], float)))
+        elif "kernel_ft" in diag and "kernel_distance" not in diag and "prompt-sgd" in kernels:
             c = kernels["prompt-sgd"]["num_outputs"]
             rows_u = diag.get("diag_union_rows") or [R.union.train_rows[seed][i] for i in diag["diag_train_positions"]]
             flat = (np.asarray(rows_u)[:, None] * c + np.arange(c)[None, :]).reshape(-1)

@@ -24,8 +24,9 @@ def _one_thread(one_torch_thread):
     """Every test here runs on one torch thread (see ``tests/conftest.py``)."""
 
 
-def make_mlp(seed: int = 0, d: int = 5, width: int = 7, C: int = 3, dtype=torch.float64):
-    """A 2-hidden-layer tanh MLP as a pure function of a parameter dict."""
+def make_mlp(seed: int = 0, d: int = 5, width: int = 7, C: int = 3, dtype=torch.float64, einsum: bool = False):
+    """A 2-hidden-layer tanh MLP as a pure function of a parameter dict. With ``einsum`` the weights enter through
+    ``torch.einsum``, which the factored engine does not capture, so "auto" plans with the per-example engine."""
     gen = torch.Generator().manual_seed(seed)
     dims = [d, width, width, C]
     p = {}
@@ -37,7 +38,8 @@ def make_mlp(seed: int = 0, d: int = 5, width: int = 7, C: int = 3, dtype=torch.
     def f(q, x):
         h = x
         for i in range(3):
-            h = h @ q[f"layer{i}.weight"].T + q[f"layer{i}.bias"]
+            w = q[f"layer{i}.weight"]
+            h = (torch.einsum("nd,ed->ne", h, w) if einsum else h @ w.T) + q[f"layer{i}.bias"]
             if i < 2:
                 h = torch.tanh(h)
         return h
@@ -78,7 +80,10 @@ def test_every_implementation_equals_explicit_jacobians(kernel, implementation, 
         ref = reference(kernel, J1, Jb)
         assert res.kernel.shape == (5, 3, Jb.shape[0] // 3, 3) and res.kernel.dtype == torch.float64
         assert torch.allclose(res.matrix(), ref, rtol=1e-12, atol=1e-12), res.plan.describe()
-        assert res.plan.per_example == per_example and res.plan.implementation in ("jacobian", "streaming")
+        if implementation == "auto":  # x @ W.T + b is captured: auto factors (tests/test_ntk_factored.py)
+            assert res.plan.implementation == "factored" and res.plan.factored["uncovered"] == {}
+        else:
+            assert res.plan.per_example == per_example and res.plan.implementation == implementation
         assert torch.allclose(res.outputs1, f(p, x1))
 
 
@@ -197,7 +202,7 @@ def test_float32_gradients_with_float64_accumulation():
 
 
 def test_planner_reports_and_errors():
-    f, p = make_mlp(seed=8, width=200)  # P ~ 42k float64: 1 MB of gradient rows per example
+    f, p = make_mlp(seed=8, width=200, einsum=True)  # P ~ 42k float64: 1 MB of gradient rows per example
     x = torch.randn(40, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     res = empirical_ntk(f, p, x, memory_budget=1 << 30)
     assert res.plan.implementation == "streaming" and res.plan.num_tiles == 1
@@ -238,7 +243,7 @@ def test_models_vmap_cannot_batch_fall_back_to_a_loop():
         return out * 2 if float(x.sum().item()) > 0 else out
 
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    res = empirical_ntk(g, p, x)
+    res = empirical_ntk(g, p, x, implementation="streaming")
     assert res.plan.per_example == "loop" and "vmap failed" in res.plan.reason
     J = torch.cat([jacobian(g, p, x[i:i + 1]) for i in range(4)])
     assert torch.allclose(res.matrix(), J @ J.T, atol=1e-12)
@@ -274,21 +279,29 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     for i in range(3):
         p[f"w{i}"] = torch.randn(dims[i + 1], dims[i], generator=gen) / dims[i] ** 0.5
         p[f"b{i}"] = torch.zeros(dims[i + 1])
-    def f(q, x):
+    def f(q, x):  # einsum: not captured, so "auto" plans with the per-example engine
+        h = x
+        for i in range(3):
+            h = torch.einsum("nd,ed->ne", h, q[f"w{i}"]) + q[f"b{i}"]
+            h = torch.tanh(h) if i < 2 else h
+        return h
+    def g(q, x):  # the same model written x @ W.T: factored
         h = x
         for i in range(3):
             h = h @ q[f"w{i}"].T + q[f"b{i}"]
             h = torch.tanh(h) if i < 2 else h
         return h
     x1, x2 = torch.randn(24, 32, generator=gen), torch.randn(16, 32, generator=gen)
-    for impl in ("streaming", "sketch", "jacobian"):  # warm-up: load every code path once
-        empirical_ntk(f, p, x1[:2], x2[:2], implementation=impl)
-        empirical_ntk(f, p, x1[:2], implementation=impl)
+    for impl in ("streaming", "sketch", "jacobian", "factored"):  # warm-up: load every code path once
+        empirical_ntk(g if impl == "factored" else f, p, x1[:2], x2[:2], implementation=impl)
+        empirical_ntk(g if impl == "factored" else f, p, x1[:2], implementation=impl)
     out = []
     for impl, budget, sym in (("streaming", 24 << 20, False), ("streaming", 48 << 20, True),
-                              ("auto", 16 << 20, False), ("sketch", 16 << 20, True), ("jacobian", None, False)):
+                              ("auto", 16 << 20, False), ("sketch", 16 << 20, True), ("factored", 12 << 20, True),
+                              ("factored", 12 << 20, False), ("jacobian", None, False)):
         with PeakMemory() as pm:
-            r = empirical_ntk(f, p, x1, None if sym else x2, implementation=impl, memory_budget=budget)
+            r = empirical_ntk(g if impl == "factored" else f, p, x1, None if sym else x2, implementation=impl,
+                              memory_budget=budget)
         out.append(dict(impl=impl, chosen=r.plan.implementation, tiles=r.plan.num_tiles, budget=budget,
                         peak=pm.peak_bytes, method=pm.method, estimate=r.plan.estimated_peak_bytes))
     print(json.dumps(out))
@@ -308,6 +321,7 @@ def test_measured_peak_memory_stays_under_the_budget():
         assert r["peak"] <= r["budget"], r
         assert r["estimate"] <= r["budget"], r
     assert rows[0]["tiles"] > 1 and rows[2]["chosen"] == "sketch"
+    assert rows[4]["chosen"] == rows[5]["chosen"] == "factored"
     # The measurement sees the memory: materialising every gradient row (40 examples x 2.6 MB) exceeds the
     # budgets above, and the measured peak is at least the bytes of those rows.
     jac = rows[-1]

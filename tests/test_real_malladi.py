@@ -186,3 +186,14 @@ def test_smollm2_loads_and_gives_a_4x4_kernel(tmp_path):
         s = clf(data.select([0]))
     assert res["outputs"][0, 0] == pytest.approx(float(s[0, 1] - s[0, 0]), abs=1e-3)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_combining_runs_keeps_the_later_runs_rows():
+    from figures.malladi import _latest
+
+    base = {"task": "MR", "model": "smollm2", "k": 16, "seed": 13, "metric": "accuracy"}
+    rows = [{**base, "method": "K-SGD", "value": 0.6}, {**base, "method": "FT-SGD", "value": 0.7},
+            {**base, "method": "K-SGD", "value": 0.8}, {**base, "seed": 21, "method": "K-SGD", "value": 0.5}]
+    out = _latest(rows)
+    assert sorted((r["method"], r["seed"], r["value"]) for r in out) == [("FT-SGD", 13, 0.7), ("K-SGD", 13, 0.8),
+                                                                         ("K-SGD", 21, 0.5)]

@@ -49,7 +49,7 @@ from theory.sketch import CountSketch, count_sketch, count_sketch_std_bound
 
 __all__ = [
     "Batch", "ModelFn", "KERNELS", "IMPLEMENTATIONS", "NTKResult", "Plan", "NTKMemoryError",
-    "empirical_ntk", "empirical_ntk_fn", "select_parameters", "batch_size_of", "slice_batch",
+    "empirical_ntk", "empirical_ntks", "empirical_ntk_fn", "select_parameters", "batch_size_of", "slice_batch",
     "AUTO_MAX_TILES", "DEFAULT_SKETCH_DIM", "PRODUCT_CHUNK",
 ]
 
@@ -57,7 +57,7 @@ Batch = Union[torch.Tensor, Mapping[str, Any]]
 ModelFn = Callable[[Mapping[str, torch.Tensor], Batch], torch.Tensor]
 
 KERNELS = ("sgd", "signgd", "asigngd")
-IMPLEMENTATIONS = ("jacobian", "streaming", "sketch", "auto")
+IMPLEMENTATIONS = ("jacobian", "streaming", "sketch", "factored", "auto")
 PER_EXAMPLE = ("auto", "vmap", "loop")
 
 AUTO_MAX_TILES = 4  # beyond this many recomputations of the x1 gradients "auto" prefers a sketch
@@ -232,6 +232,7 @@ class Plan:
     activation_bytes_per_example: int
     error: str
     reason: str
+    factored: dict | None = None  # coverage, validation and remainder of the factored implementation
 
     def describe(self) -> str:
         """A few human-readable lines: the implementation, sizes, blocks, memory and error."""
@@ -248,6 +249,16 @@ class Plan:
                          + (" (x1 recomputed per tile)" if self.num_tiles > 1 else ""))
         if self.implementation == "sketch":
             lines.append(f"  count-sketch dim {self.sketch_dim} (seed {self.seed})")
+        if self.implementation == "factored" and self.factored:
+            fz = self.factored
+            lines.append(f"  factored: {fz['covered_tensors']} tensors ({fz['covered_params']:,} parameters) from "
+                         f"captured inputs and output gradients; captures in {self.num_tiles} tile(s) of <= "
+                         f"{self.tile_size} examples; check on {fz['check_examples']} examples: {fz['check']}")
+            if fz.get("capture_groups", 1) > 1:
+                lines.append(f"  captures of all examples in {fz['capture_groups']} passes over groups of tensors")
+            if fz.get("uncovered"):
+                lines.append(f"  per-example engine for {len(fz['uncovered'])} uncovered tensor(s) "
+                             f"({_some(sorted(fz['uncovered']), 3)}): {fz['remainder_plan']}")
         act = format_bytes(self.activation_bytes_per_example)
         lines.append(f"  memory: estimated peak {format_bytes(self.estimated_peak_bytes)} of budget "
                      f"{format_bytes(self.memory_budget)} (activations ~{act} per example)")
@@ -547,6 +558,8 @@ def empirical_ntk(
     device: str | torch.device | None = None,
     progress: bool = False,
     per_example: str = "auto",
+    _factored: bool = True,
+    _kernels: Sequence[str] | None = None,
 ) -> NTKResult:
     """The class-coupled empirical NTK (or a SignGD kernel) of ``f`` at ``params`` between x1 and x2.
 
@@ -558,7 +571,8 @@ def empirical_ntk(
         x2: training-side batch (N2); ``None`` means x2 = x1 and exploits symmetry where the kernel has it.
         kernel: ``"sgd"`` <g, g'>, ``"signgd"`` <sign g, sign g'>, ``"asigngd"`` <g(x1), sign g(x2)>.
         params_subset: theta restricted to names / a predicate / boolean masks (see :func:`select_parameters`).
-        implementation: ``"jacobian"``, ``"streaming"``, ``"sketch"`` or ``"auto"`` (see the module docstring).
+        implementation: ``"jacobian"``, ``"streaming"``, ``"sketch"``, ``"factored"`` or ``"auto"`` (see the
+            module docstring).
         memory_budget: bytes the call may allocate on ``device`` on top of resident parameters and inputs;
             default half of the currently available memory.
         sketch_dim: k for the sketch (default: the largest of 4096, 2048, ..., 64 that fits).
@@ -606,8 +620,18 @@ def empirical_ntk(
                    grad_bytes=torch.empty((), dtype=grad_dtype).element_size(),
                    acc_bytes=torch.empty((), dtype=dtype).element_size(), act=act, cpu=dev.type == "cpu")
     budget = int(memory_budget) if memory_budget is not None else available_memory(dev) // 2
-    plan = _make_plan(sizes, budget, implementation, kernel, batch_size, sketch_dim, seed, selection, params,
-                      grad_dtype, dtype, dev, per_example)
+    fallback = ""
+    if implementation in ("factored", "auto") and _factored:
+        done = _try_factored(f, params, selection, x1, None if symmetric else x2, sizes, tuple(_kernels or (kernel,)),
+                             dtype, dev, budget,
+                             batch_size, sketch_dim, seed, grad_dtype, per_example, progress, implementation)
+        if isinstance(done, dict):
+            return done if _kernels else done[kernel]  # empirical_ntks asked for several kernels
+        fallback = done
+    plan = _make_plan(sizes, budget, "auto" if implementation == "factored" else implementation, kernel,
+                      batch_size, sketch_dim, seed, selection, params, grad_dtype, dtype, dev, per_example)
+    if fallback:
+        plan = dataclasses.replace(plan, requested=implementation, reason=f"{plan.reason}; factored: {fallback}")
 
     bar = None
     if progress:
@@ -632,6 +656,205 @@ def empirical_ntk(
         error_bound=None if bound is None else bound.reshape(shape).cpu(),
         outputs1=out1.cpu(), outputs2=out2.cpu(),
     )
+
+
+def _dense_masks(selection: _Selection, params, names) -> dict[str, torch.Tensor]:
+    masks = {}
+    for n in names:
+        idx = selection.index.get(n)
+        if idx is not None:
+            m = torch.zeros(params[n].numel(), dtype=torch.bool, device=params[n].device)
+            m[idx] = True
+            masks[n] = m.reshape(params[n].shape)
+    return masks
+
+
+def _subset(selection: _Selection, params, names) -> dict[str, Any]:
+    """A ``params_subset`` mapping selecting ``names`` with the selection's masks."""
+    masks = _dense_masks(selection, params, names)
+    return {n: masks.get(n, True) for n in names}
+
+
+FACTORED_CHECK_EXAMPLES = 3
+AUTO_MIN_FACTORED = 0.5  # "auto" factors when at least this share of the selected parameters is covered
+FACTORED_CHECK_TOL = {torch.float64: 1e-10, torch.float32: 1e-3}  # structural errors are O(1)
+
+
+def _try_factored(f, params, selection, x1, x2, s: _Sizes, kernels, dtype, dev, budget, batch_size, sketch_dim,
+                  seed, grad_dtype, per_example, progress, requested) -> dict[str, NTKResult] | str:
+    """The factored implementation (:mod:`theory.ntk_factored`), checked against the per-example engine on the
+    first examples. Returns the result, or (for ``"auto"``) the reason it was not used."""
+    from theory import ntk_factored as fz
+
+    def refuse(why: str, error=RuntimeError) -> str:
+        if requested == "factored":
+            raise error(f"implementation='factored': {why}")
+        return why
+
+    symmetric = x2 is None
+    nv = min(FACTORED_CHECK_EXAMPLES, s.n1)
+    xv = slice_batch(x1, 0, nv)
+    try:
+        probe = fz.capture_block(f, params, selection.names, xv, nv)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+        return refuse(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+    uncovered = dict(probe.uncovered)
+    covered = [n for n in selection.names if n not in uncovered]
+    if not any(u.name in covered for u in probe.uses):
+        return refuse("no selected tensor enters a captured operation (linear, embedding, layer/RMS norm, "
+                      "elementwise product)")
+    P_cov = sum(selection.sizes[n] for n in covered)
+    if requested == "auto" and P_cov < AUTO_MIN_FACTORED * s.P:
+        return (f"only {P_cov:,} of {s.P:,} parameters enter captured operations (uncovered: "
+                f"{_some(sorted(uncovered), 3)}), below {AUTO_MIN_FACTORED:.0%}")
+    probe.drop(set(uncovered))
+    signature = probe.signature
+    masks = _dense_masks(selection, params, covered)
+    kernel = kernels[0]
+    signs = [_signs(k) for k in kernels]
+    chunk = min(fz.chunk_bytes_default(s.cpu), max(1 << 16, budget // 16))
+
+    # check against the per-example engine on the first examples (symmetric kernel of the covered tensors)
+    check, check_err = "skipped", None
+    ref_bytes = 2 * nv * s.C * P_cov * s.grad_bytes
+    ref = None
+    if ref_bytes <= budget // 2:
+        try:
+            ref = empirical_ntk(f, params, xv, kernel=kernel, params_subset=_subset(selection, params, covered),
+                                implementation="jacobian", memory_budget=budget, dtype=torch.float64,
+                                per_example=per_example, _factored=False).matrix()
+        except NTKMemoryError:
+            pass
+    if ref is not None:
+        try:
+            (mine,), _, _ = fz.run_factored(f, params, covered, masks, xv, None, nv, nv, s.C, signs[:1], torch.float64,
+                                         block=nv, tile1=nv, tile2=nv, chunk_bytes=chunk, signature=signature)
+        except RuntimeError as exc:
+            return refuse(f"capture differs between runs ({exc})")
+        scale = float(ref.norm())
+        check_err = float((mine.cpu() - ref).norm()) / (scale if scale > 0 else 1.0)
+        tol = FACTORED_CHECK_TOL.get(grad_dtype, 1e-2)
+        check = f"max rel. error {check_err:.1e} vs per-example gradients (tol {tol:g})"
+        if not check_err <= tol:
+            return refuse(f"the factored kernel disagrees with per-example gradients on the first {nv} examples "
+                          f"(relative error {check_err:.2e} > {tol:g}); the model may not keep examples "
+                          f"independent along dim 0 of every captured input")
+    else:
+        check = f"skipped (the reference gradients of {nv} examples, {format_bytes(ref_bytes)}, do not fit the budget)"
+
+    # sizes: capture blocks, tiles, product chunks
+    per_cap = max(1, probe.nbytes() // nv)
+    per_work = int(_WORK_FACTOR * (s.act + per_cap))
+    room0 = budget - s.base_bytes - 4 * chunk
+    if room0 <= 0:
+        return refuse(f"budget {format_bytes(budget)} leaves no room beside the kernel ({format_bytes(s.base_bytes)})",
+                      NTKMemoryError)
+    n_max = max(s.n1, s.n2)
+    b = batch_size or max(1, min(MAX_BLOCK, n_max, (room0 // 4) // max(per_work, 1)))
+    room = room0 - b * per_work
+    n_all = s.n1 if symmetric else s.n1 + s.n2
+    groups = [covered]
+    if n_all * per_cap > room:  # one capture pass per group of tensors, if the groups fit; else example tiles
+        per_name = {k: -(-v // nv) for k, v in probe.bytes_per_name().items()}
+        groups = fz.groups_for(covered, per_name, n_all, room) or [covered]
+    if len(groups) > 1:
+        tile1, tile2, tiles = s.n1, s.n2, 1
+        held = max(sum(per_name.get(k, 0) for k in g) for g in groups) * n_all // max(per_cap, 1)
+    elif symmetric:
+        tile1, tiles = fz.tiles_for(s.n1, per_cap, room, True)
+        tile2, held = tile1, (tile1 if tiles == 1 else 2 * tile1)
+    else:
+        if (s.n1 + s.n2) * per_cap <= room:
+            tile1, tile2, tiles = s.n1, s.n2, 1
+        else:
+            tile1 = tile2 = max(1, room // (2 * per_cap))
+            tiles = math.ceil(s.n2 / tile2)
+        held = min(s.n1, tile1) + min(s.n2, tile2)
+    if len(groups) == 1 and room < per_cap * (1 if symmetric else 2):
+        return refuse(f"captures need {format_bytes(per_cap)} per example; {format_bytes(max(room, 0))} of the budget "
+                      f"{format_bytes(budget)} left for them", NTKMemoryError)
+    peak = s.base_bytes + held * per_cap + b * per_work + 4 * chunk
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        n_caps = (math.ceil(s.n1 / b) * (tiles + 1) // 2 * max(1, tiles) if symmetric
+                  else math.ceil(s.n2 / b) + tiles * math.ceil(s.n1 / b))
+        bar = tqdm(total=n_caps * len(groups), desc="eNTK (factored)", unit="block")
+    Ks = None
+    for group in groups:
+        Kg, o1, o2 = fz.run_factored(f, params, group, masks, x1, x2, s.n1, s.n2, s.C, signs, dtype, block=b,
+                                     tile1=tile1, tile2=tile2, chunk_bytes=chunk,
+                                     signature=signature if len(groups) == 1 else None, bar=bar)
+        if Ks is None:
+            Ks, out1, out2 = Kg, o1, o2
+        else:
+            for K, k in zip(Ks, Kg):
+                K += k
+        del Kg
+    if bar is not None:
+        bar.close()
+    results = {}
+    for kern, K in zip(kernels, Ks):
+        bound, remainder_plan = None, None
+        if uncovered:
+            rem = empirical_ntk(f, params, x1, x2, kernel=kern, params_subset=_subset(selection, params, uncovered),
+                                implementation="auto", memory_budget=budget, sketch_dim=sketch_dim, seed=seed,
+                                batch_size=batch_size, dtype=dtype, device=dev, progress=progress,
+                                per_example=per_example, _factored=False)
+            K += rem.matrix().to(K.device)
+            bound, remainder_plan = rem.error_bound, rem.plan
+        results[kern] = _factored_result(K, bound, remainder_plan, out1, out2, kern, kernels, s, symmetric, selection,
+                                         params, covered, P_cov, uncovered, check, nv, check_err, per_cap, chunk,
+                                         groups, requested, grad_dtype, dtype, dev, b, tile1, tiles, budget, peak)
+    return results
+
+
+def _factored_result(K, bound, remainder_plan, out1, out2, kernel, kernels, s, symmetric, selection, params, covered,
+                     P_cov, uncovered, check, nv, check_err, per_cap, chunk, groups, requested, grad_dtype, dtype,
+                     dev, b, tile1, tiles, budget, peak) -> NTKResult:
+    error = f"exact up to {str(grad_dtype).replace('torch.', '')} rounding"
+    if remainder_plan is not None and remainder_plan.implementation == "sketch":
+        error = "factored part exact; uncovered part " + remainder_plan.error
+    info = {"kernels_from_same_captures": list(kernels), "covered_tensors": len(covered), "covered_params": P_cov,
+            "uncovered": uncovered, "check": check, "check_examples": nv, "check_rel_error": check_err,
+            "capture_bytes_per_example": per_cap, "chunk_bytes": chunk, "capture_groups": len(groups),
+            "remainder_plan": remainder_plan.describe().replace("\n", " |") if remainder_plan else None}
+    why = ("requested" if requested == "factored" else
+           "every selected tensor's per-example gradients rebuild from captured inputs and output gradients"
+           if not uncovered else f"{len(covered)} of {len(selection.names)} tensors factor")
+    plan = Plan(
+        implementation="factored", requested=requested, kernel=kernel, num_examples1=s.n1, num_examples2=s.n2,
+        symmetric=symmetric, num_outputs=s.C, num_params=s.P,
+        num_params_total=sum(int(p.numel()) for p in params.values()), num_tensors=len(selection.names),
+        grad_dtype=str(grad_dtype).replace("torch.", ""), dtype=str(dtype).replace("torch.", ""), device=str(dev),
+        batch_size=int(b), tile_size=int(tile1), num_tiles=int(tiles), sketch_dim=None, seed=None,
+        per_example="batched backward", memory_budget=budget, estimated_peak_bytes=int(peak),
+        activation_bytes_per_example=s.act, error=error, reason=why, factored=info)
+    shape = (s.n1, s.C, s.n2, s.C)
+    return NTKResult(kernel=K.reshape(shape).cpu(), plan=plan,
+                     error_bound=None if bound is None else bound.reshape(shape).cpu(),
+                     outputs1=out1.cpu(), outputs2=out2.cpu())
+
+
+def empirical_ntks(f: ModelFn, params: Mapping[str, torch.Tensor], x1: Batch, x2: Batch | None = None, *,
+                   kernels: Sequence[str] = ("sgd", "asigngd"), **options) -> dict[str, NTKResult]:
+    """Several kernels (e.g. the SGD kernel for K-SGD and the A-SignGD kernel for K-A-SignGD) of the same model and
+    inputs. With the factored implementation they come from one set of capture passes and per-example rows (each
+    tensor's rows are formed once and contracted once per kernel); otherwise :func:`empirical_ntk` runs once per
+    kernel. ``options`` are those of :func:`empirical_ntk`."""
+    kernels = tuple(dict.fromkeys(kernels))
+    bad = [k for k in kernels if k not in KERNELS]
+    if bad or not kernels:
+        raise ValueError(f"kernels must be a non-empty subset of {KERNELS}, got {list(kernels)}")
+    implementation = options.get("implementation", "auto")
+    if len(kernels) > 1 and implementation in ("auto", "factored"):
+        first = empirical_ntk(f, params, x1, x2, kernel=kernels[0], **{**options, "_kernels": kernels})
+        if isinstance(first, dict):
+            return first
+        return {kernels[0]: first, **{k: empirical_ntk(f, params, x1, x2, kernel=k, **options) for k in kernels[1:]}}
+    return {k: empirical_ntk(f, params, x1, x2, kernel=k, **options) for k in kernels}
 
 
 def empirical_ntk_fn(f: ModelFn, **options) -> Callable[..., NTKResult]:

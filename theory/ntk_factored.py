@@ -1,0 +1,652 @@
+"""The factored eNTK: per-example gradients rebuilt from the inputs and output gradients of each parameterised
+operation, captured in ordinary *batched* forward and backward passes.
+
+For a linear map ``y = x W^T + b`` applied to every position s of example i, the gradient of an output f_c(x_i)
+with respect to W is ``sum_s delta[c, i, s]^T x[i, s]``, where ``delta[c, i, s] = d f_c(x_i) / d y[i, s]``.
+Because examples do not interact in a forward pass (no batch statistics), one batched backward pass of
+``sum_i f_c(x_i)`` yields every example's ``delta`` at once. So the eNTK needs only C batched backward passes
+(the floor of any method) plus, per parameter tensor, the materialisation of the per-example rows from (x, delta)
+and the Gram product -- layer by layer, so the rows of one tensor (not of the whole model) are in memory at once,
+and each Gram is one wide GEMM over all N*C rows instead of many block products.
+
+Captured operations (by identity of the parameter tensor passed in, so ``torch.func.functional_call`` models and
+tied weights work):
+
+* ``F.linear`` weight and bias, and ``x @ w.T`` / ``x @ w`` with a 2-d parameter w;
+* ``F.embedding`` weight (rows are scattered by token id; only rows used by both sides are formed);
+* ``F.layer_norm`` and ``F.rms_norm`` weight and bias;
+* elementwise ``*`` of a tensor by a parameter broadcast over it (HF's ``RMSNorm``: ``weight * hidden``);
+* ``+`` of a parameter, or of a static slice of one, broadcast over a batched tensor (a bias add, learned
+  position embeddings ``x + pos[:T]``).
+
+Rows of a tensor that no example touches (vocabulary rows of an unused token, label-word rows of a tied LM head)
+are skipped: their contribution to every product is exactly zero, also after ``sign``.
+
+Any other use of a selected parameter (``w.T``, ``w[:T]``, a custom CUDA op) makes that tensor *uncovered*; its
+kernel is computed by the per-example (vmap) engine and added, which is exact because kernels of disjoint
+parameter subsets add up. :func:`theory.ntk.empirical_ntk` checks the factored kernel against the per-example
+engine on a few examples before it uses it (models where the example dimension is not the leading one of every
+captured input would fail that check and are computed by the per-example engine instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["Capture", "capture_block", "FactoredKernel"]
+
+_MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+
+
+def _is_transpose(func, args) -> bool:
+    """``w.T`` / ``w.t()`` / ``torch.t(w)`` / ``w.mT`` of a 2-d tensor."""
+    if func in (torch.Tensor.t, torch.t):
+        return True
+    owner = getattr(func, "__self__", None)
+    return (owner is torch.Tensor.T or owner is torch.Tensor.mT) and len(args) == 1 and args[0].dim() == 2
+
+
+def _static_index(index) -> bool:
+    """An index made of slices, integers, None and Ellipsis only (a view whose position does not depend on data)."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (slice, int, type(None), type(Ellipsis))) and not isinstance(i, bool) for i in items)
+_RMS_NORM = getattr(F, "rms_norm", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Use:
+    kind: str  # "linear" | "embedding" | "norm" | "mul"
+    name: str  # parameter name
+    role: str  # "weight" | "bias"
+    x: int  # key of the captured input (token ids for embeddings)
+    out: int  # index of the captured output
+    extra: tuple = ()
+
+
+class _CaptureMode(TorchFunctionMode):
+    def __init__(self, by_id: Mapping[int, str], n: int):
+        super().__init__()
+        self.by_id = by_id
+        self.n = n
+        self.uses: list[_Use] = []
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.outs: list[torch.Tensor] = []
+        self.uncovered: dict[str, str] = {}
+        self.views: dict[int, tuple[str, Any, torch.Tensor]] = {}  # id(view) -> (name, index, view)
+        self.transposed: dict[int, tuple[str, torch.Tensor]] = {}  # id(w.T) -> (name, w.T)
+
+    def _input(self, t: torch.Tensor) -> int:
+        key = id(t)
+        if key not in self.inputs:
+            self.inputs[key] = t
+        return key
+
+    def _out(self, t: torch.Tensor) -> int:
+        for i, o in enumerate(self.outs):
+            if o is t:
+                return i
+        self.outs.append(t)
+        return len(self.outs) - 1
+
+    def _batched(self, t: Any, min_dim: int = 2) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() >= min_dim and t.shape[0] == self.n
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        captured = self._try_capture(func, args, kwargs)
+        if captured is not None:
+            return captured
+        out = func(*args, **kwargs)
+        if self.by_id and isinstance(out, torch.Tensor):
+            for a in tree_flatten((args, kwargs))[0]:
+                if isinstance(a, torch.Tensor) and (id(a) in self.by_id or id(a) in self.views
+                                                    or id(a) in self.transposed):
+                    name = (self.by_id.get(id(a)) or self.views.get(id(a), (None,))[0]
+                            or self.transposed[id(a)][0])
+                    self.uncovered.setdefault(name, getattr(func, "__name__", str(func)))
+        return out
+
+    def _try_capture(self, func, args, kwargs):
+        get = self.by_id.get
+        if func is F.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            wn, bn = get(id(w)), (get(id(b)) if b is not None else None)
+            if (wn or bn) and self._batched(x):
+                out = func(*args, **kwargs)
+                k, o = self._input(x), self._out(out)
+                if wn:
+                    self.uses.append(_Use("linear", wn, "weight", k, o))
+                if bn:
+                    self.uses.append(_Use("linear", bn, "bias", k, o))
+                return out
+        elif func is F.embedding:
+            names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+            a = dict(zip(names, args), **kwargs)
+            ids, w = a.get("input"), a.get("weight")
+            wn = get(id(w))
+            if (wn and self._batched(ids, 1) and a.get("max_norm") is None and not a.get("scale_grad_by_freq")
+                    and not ids.is_floating_point()):
+                out = func(*args, **kwargs)
+                pad = a.get("padding_idx")
+                if pad is not None and pad < 0:
+                    pad += w.shape[0]
+                self.uses.append(_Use("embedding", wn, "weight", self._input(ids), self._out(out), (pad,)))
+                return out
+        elif func is F.layer_norm or (_RMS_NORM is not None and func is _RMS_NORM):
+            rms = func is not F.layer_norm
+            names = ("input", "normalized_shape", "weight", "eps") if rms else \
+                ("input", "normalized_shape", "weight", "bias", "eps")
+            a = dict(zip(names, args), **kwargs)
+            x, w, b = a.get("input"), a.get("weight"), a.get("bias")
+            wn, bn = get(id(w)) if w is not None else None, get(id(b)) if b is not None else None
+            if (wn or bn) and self._batched(x) and x.dim() > len(tuple(a["normalized_shape"])):
+                out = func(*args, **kwargs)
+                k, o = self._input(x), self._out(out)
+                extra = ("rms" if rms else "ln", tuple(a["normalized_shape"]), a.get("eps"))
+                if wn:
+                    self.uses.append(_Use("norm", wn, "weight", k, o, extra))
+                if bn:
+                    self.uses.append(_Use("norm", bn, "bias", k, o, extra))
+                return out
+        elif _is_transpose(func, args) and len(args) == 1 and not kwargs and get(id(args[0])) \
+                and args[0].dim() == 2:
+            out = func(*args)
+            self.transposed[id(out)] = (get(id(args[0])), out)  # a use only once it multiplies (below)
+            return out
+        elif func in _MATMUL and len(args) == 2 and not kwargs and self._batched(args[0]):
+            x, w = args
+            if id(w) in self.transposed:  # x @ w.T == F.linear(x, w)
+                out = func(*args)
+                self.uses.append(_Use("linear", self.transposed[id(w)][0], "weight", self._input(x), self._out(out)))
+                return out
+            if get(id(w)) and w.dim() == 2 and get(id(x)) is None:  # x @ w: rows of w are input features
+                out = func(*args)
+                self.uses.append(_Use("linear_t", get(id(w)), "weight", self._input(x), self._out(out)))
+                return out
+        elif func is torch.Tensor.__getitem__ and len(args) == 2 and not kwargs and get(id(args[0])) \
+                and _static_index(args[1]):
+            out = func(*args)
+            self.views[id(out)] = (get(id(args[0])), args[1], out)  # a use only once it is added (below)
+            return out
+        elif func in _ADD and len(args) == 2 and not kwargs:
+            a, b = args
+            for p, t in ((a, b), (b, a)):
+                if not isinstance(p, torch.Tensor):
+                    continue
+                pn, index = (get(id(p)), None) if get(id(p)) else (self.views.get(id(p), (None, None))[:2])
+                if pn and self._batched(t, 1) and p.dim() < t.dim() and get(id(t)) is None \
+                        and id(t) not in self.views:
+                    out = func(*args)
+                    if out.shape != t.shape:
+                        return None
+                    self.uses.append(_Use("add", pn, "weight", -1, self._out(out), (index,)))
+                    return out
+        elif func in _MUL and len(args) == 2 and not kwargs:
+            a, b = args
+            for p, t in ((a, b), (b, a)):
+                pn = get(id(p)) if isinstance(p, torch.Tensor) else None
+                if pn and get(id(t)) is None and self._batched(t, 1) and p.dim() < t.dim():
+                    out = func(*args)
+                    if out.shape != t.shape:
+                        self.uncovered.setdefault(pn, "mul (broadcasts the parameter beyond the input)")
+                        return out
+                    self.uses.append(_Use("mul", pn, "weight", self._input(t), self._out(out)))
+                    return out
+        return None
+
+
+@dataclasses.dataclass
+class Capture:
+    """What the factored engine keeps of one block of n examples: the captured inputs and output gradients.
+
+    Attributes:
+        n: examples in the block.
+        uses: the captured operations, in forward order.
+        inputs: input key -> detached input (token ids for embeddings).
+        deltas: output index -> (C, n, *out_shape) gradient of the C outputs (``None`` if no output depends on it).
+        outputs: (n, C) model outputs.
+        uncovered: selected tensor -> the operation that used it in an uncaptured way.
+    """
+
+    n: int
+    uses: list[_Use]
+    inputs: dict[int, torch.Tensor]
+    deltas: list[torch.Tensor | None]
+    outputs: torch.Tensor
+    uncovered: dict[str, str]
+
+    @property
+    def signature(self) -> tuple:
+        return tuple((u.kind, u.name, u.role) for u in self.uses)
+
+    def nbytes(self) -> int:
+        seen = sum(t.numel() * t.element_size() for t in self.inputs.values())
+        return seen + sum(d.numel() * d.element_size() for d in self.deltas if d is not None)
+
+    def bytes_per_name(self) -> dict[str, int]:
+        """Captured bytes each tensor needs (its uses' inputs and output gradients; shared ones counted for each)."""
+        out: dict[str, int] = {}
+        seen: set[tuple[str, str, int]] = set()
+        for u in self.uses:
+            parts = [("o", u.out, self.deltas[u.out])]
+            if u.x in self.inputs:
+                parts.append(("x", u.x, self.inputs[u.x]))
+            for kind, key, t in parts:
+                if t is not None and (u.name, kind, key) not in seen:
+                    seen.add((u.name, kind, key))
+                    out[u.name] = out.get(u.name, 0) + t.numel() * t.element_size()
+        return out
+
+    def drop(self, names: set[str]) -> None:
+        """Forget the uses of ``names`` (tensors computed elsewhere) and the inputs/outputs only they needed."""
+        self.uses = [u for u in self.uses if u.name not in names]
+        keep_x = {u.x for u in self.uses}
+        keep_o = {u.out for u in self.uses}
+        self.inputs = {k: v for k, v in self.inputs.items() if k in keep_x}
+        self.deltas = [d if i in keep_o else None for i, d in enumerate(self.deltas)]
+
+
+def _twice(x):
+    """The batch of one example, repeated: a batch of 2."""
+    if isinstance(x, torch.Tensor):
+        return torch.cat([x, x])
+    return {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in x.items()}
+
+
+def capture_block(f, params: Mapping[str, torch.Tensor], names: Sequence[str], x, n: int) -> Capture:
+    """Run ``f(params, x)`` for a block of n examples with the selected tensors ``names`` tracked, then one batched
+    backward pass per output; return the captured inputs and output gradients.
+
+    A block of one example is run twice over (a batch of 2) and the first copy kept: with n = 1 a tensor shared
+    by all examples (HF's ``position_ids`` of shape (1, T)) would look batched, and the captured operations would
+    differ from those of larger blocks."""
+    if n == 1:
+        cap = capture_block(f, params, names, _twice(x), 2)
+        return Capture(1, cap.uses, {k: v[:1] for k, v in cap.inputs.items()},
+                       [None if d is None else d[:, :1] for d in cap.deltas], cap.outputs[:1], cap.uncovered)
+    sub = {k: params[k].detach().requires_grad_(True) for k in names}
+    full = {**{k: v.detach() for k, v in params.items() if k not in sub}, **sub}
+    mode = _CaptureMode({id(v): k for k, v in sub.items()}, n)
+    with torch.enable_grad(), mode:
+        y = f(full, x)
+    if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != n:
+        raise ValueError(f"f(params, batch) must return a (B, C) tensor; for a batch of {n} it returned "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    C = y.shape[1]
+    deltas: list[list[torch.Tensor | None]] = [[] for _ in mode.outs]
+    needs = [i for i, o in enumerate(mode.outs) if o.requires_grad]
+    if needs and y.requires_grad:
+        targets = [mode.outs[i] for i in needs]
+        for c in range(C):
+            g = torch.autograd.grad(y[:, c].sum(), targets, retain_graph=c < C - 1, allow_unused=True)
+            for i, gi in zip(needs, g):
+                deltas[i].append(gi)
+    stacked = [torch.stack(d) if d and all(t is not None for t in d) else None for d in deltas]
+    inputs = {k: v.detach() for k, v in mode.inputs.items()}
+    return Capture(n, mode.uses, inputs, stacked, y.detach(), dict(mode.uncovered))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows of one parameter tensor from a capture
+# ---------------------------------------------------------------------------------------------------------------
+
+def _row_shape(p: torch.Tensor) -> tuple[int, int]:
+    """A tensor as (rows, width): dim 0 and the rest (1-d and 0-d tensors: width 1)."""
+    if p.dim() <= 1:
+        return max(1, p.numel()), 1
+    return p.shape[0], p[0].numel()
+
+
+def _flat(t: torch.Tensor, lead: int, last: int | None) -> torch.Tensor:
+    """Collapse the dims between the ``lead`` leading ones and the last ``last`` dims (``None``: none kept)."""
+    if last is None:
+        return t.reshape(*t.shape[:lead], -1)
+    return t.reshape(*t.shape[:lead], -1, *t.shape[t.dim() - last:])
+
+
+def _norm_hat(x: torch.Tensor, extra: tuple) -> torch.Tensor:
+    kind, shape, eps = extra
+    if kind == "ln":
+        return F.layer_norm(x, shape, None, None, 1e-5 if eps is None else eps)
+    return _RMS_NORM(x, shape, None, eps)
+
+
+def _dense_grad(cap: Capture, u: _Use, pshape: torch.Size) -> torch.Tensor:
+    """(C, n, *pshape) per-example gradient of a small (norm / mul) parameter."""
+    delta = cap.deltas[u.out]
+    nd = len(pshape)
+    full_shape = pshape
+    if u.kind == "add" and u.extra[0] is not None:  # the gradient of a static slice, placed into the parameter
+        pshape = torch.empty(pshape, device="meta")[u.extra[0]].shape
+        nd = len(pshape)
+    if u.kind == "norm":
+        prod = delta if u.role == "bias" else delta * _norm_hat(cap.inputs[u.x], u.extra).unsqueeze(0)
+    elif u.kind == "add":
+        prod = delta
+    else:  # mul
+        prod = delta * cap.inputs[u.x].unsqueeze(0)
+    prod = _flat(prod, 2, nd).sum(2) if prod.dim() > 2 + nd else prod  # sum over the non-parameter dims
+    keep = [d for d in range(nd) if pshape[d] == 1 and prod.shape[2 + d] != 1]
+    if keep:
+        prod = prod.sum(dim=[2 + d for d in keep], keepdim=True)
+    prod = prod.reshape(prod.shape[0], prod.shape[1], *pshape)
+    if pshape != full_shape:
+        index = u.extra[0] if isinstance(u.extra[0], tuple) else (u.extra[0],)
+        g = torch.zeros(prod.shape[0], prod.shape[1], *full_shape, dtype=prod.dtype, device=prod.device)
+        g[(slice(None), slice(None)) + index] = prod
+        prod = g
+    return prod
+
+
+def active_rows(cap: Capture, name: str, p: torch.Tensor) -> torch.Tensor:
+    """Boolean (rows,) mask of the rows of ``p`` that some example's gradient touches."""
+    rows, _ = _row_shape(p)
+    act = torch.zeros(rows, dtype=torch.bool, device=p.device)
+    for u in cap.uses:
+        if u.name != name or cap.deltas[u.out] is None:
+            continue
+        d = cap.deltas[u.out]
+        if u.kind == "linear":
+            # Output rows no example reaches (an LM head's rows other than the label words) are worth skipping
+            # only for wide outputs; a pass over delta costs a third of forming the rows of a hidden layer.
+            if rows >= ACTIVE_ROWS_MIN:
+                act |= d.reshape(-1, d.shape[-1]).ne(0).any(0)
+            else:
+                act[:] = True
+        elif u.kind == "embedding":
+            ids = cap.inputs[u.x].reshape(-1)
+            if u.extra[0] is not None:
+                ids = ids[ids != u.extra[0]]
+            act[ids] = True
+        else:
+            act[:] = True
+    return act
+
+
+def rows_of(cap: Capture, name: str, p: torch.Tensor, idx: torch.Tensor, C: int, out: torch.Tensor) -> None:
+    """Write into ``out`` (C, n, k, width; each ``out[c]`` contiguous) the per-example gradient rows ``idx`` (k of
+    them) of tensor ``name``, summed over its uses."""
+    rows, width = _row_shape(p)
+    k = idx.numel()
+    lo = int(idx[0]) if k else 0
+    span = slice(lo, lo + k) if k and int(idx[-1]) - lo + 1 == k else None  # idx is sorted: a range?
+    first = True
+
+    def pick(t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Rows ``idx`` of ``t`` along ``dim``: a view for a range (index_select on the last dim is 2x slower than
+        the whole product)."""
+        if k == rows:
+            return t
+        if span is not None:
+            return t.narrow(dim, span.start, k)
+        return t.index_select(dim, idx)
+
+    def put(c: int | None, g: torch.Tensor | None = None, b1=None, b2=None) -> None:
+        """out[c] (or all of out for c=None) = / += g, or the batched product b1 @ b2 written in place."""
+        target = out if c is None else out[c]
+        if b1 is not None:
+            if first:
+                torch.bmm(b1, b2, out=target)
+            else:
+                target.add_(torch.bmm(b1, b2))
+        elif first:
+            target.copy_(g)
+        else:
+            target.add_(g)
+
+    for u in cap.uses:
+        if u.name != name or cap.deltas[u.out] is None:
+            continue
+        d = cap.deltas[u.out]
+        if u.kind == "linear":
+            dk = pick(_flat(d, 2, 1), -1)  # (C, n, S, k)
+            if u.role == "bias":
+                put(None, dk.sum(2).unsqueeze(-1))
+            else:
+                x = _flat(cap.inputs[u.x], 1, 1)  # (n, S, d_in)
+                for c in range(C):  # (n, k, S) @ (n, S, d_in), straight into the row buffer
+                    put(c, b1=dk[c].transpose(1, 2), b2=x)
+        elif u.kind == "linear_t":  # y = x @ w, w (d_in, d_out): rows of the gradient are x^T delta
+            x = pick(_flat(cap.inputs[u.x], 1, 1), -1)  # (n, S, k)
+            dd = _flat(d, 2, 1)  # (C, n, S, d_out)
+            for c in range(C):
+                put(c, b1=x.transpose(1, 2), b2=dd[c])
+        elif u.kind == "embedding":
+            ids = cap.inputs[u.x].reshape(cap.n, -1)  # (n, S)
+            dd = d.reshape(C, cap.n, ids.shape[1], -1)  # (C, n, S, width)
+            pos = torch.full((rows,), -1, dtype=torch.long, device=ids.device)
+            pos[idx] = torch.arange(k, device=ids.device)
+            where = pos[ids]  # (n, S)
+            valid = where >= 0
+            if u.extra[0] is not None:
+                valid &= ids != u.extra[0]
+            base = torch.arange(C * cap.n, device=ids.device).reshape(C, cap.n, 1) * k
+            valid = valid.unsqueeze(0).expand(C, -1, -1)
+            target = (base + where.unsqueeze(0))[valid]
+            g = torch.zeros(C * cap.n * k, dd.shape[-1], dtype=dd.dtype, device=dd.device)
+            g.index_add_(0, target, dd[valid])
+            put(None, g.reshape(C, cap.n, k, dd.shape[-1]))
+        else:
+            g = _dense_grad(cap, u, p.shape).reshape(C, cap.n, rows, width)
+            put(None, pick(g, 2))
+        first = False
+    if first:
+        out.zero_()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernel from captures
+# ---------------------------------------------------------------------------------------------------------------
+
+ACTIVE_ROWS_MIN = 4096  # linear maps with at least this many outputs get their untouched rows skipped
+SYM_PARTS = 4  # a symmetric Gram is formed as 4 x 4 row blocks, the lower triangle only: 10/16 of the flops
+
+
+class FactoredKernel:
+    """Accumulates kernel blocks K[A, B] between captured groups of examples, tensor by tensor."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], names: Sequence[str], masks: Mapping[str, Any],
+                 C: int, chunk_bytes: int):
+        self.params, self.names, self.masks, self.C = params, list(names), masks, C
+        self.chunk_bytes = chunk_bytes
+        self._buf: dict[int, torch.Tensor] = {}
+
+    def _buffer(self, numel: int, like: torch.Tensor, slot: int) -> torch.Tensor:
+        """A reused flat buffer: fresh row buffers of tens of MiB page-fault on every allocation (glibc maps them
+        anew), which cost as much as computing the rows."""
+        b = self._buf.get(slot)
+        if b is None or b.numel() < numel or b.dtype != like.dtype or b.device != like.device:
+            b = self._buf[slot] = torch.empty(max(numel, 1), dtype=like.dtype, device=like.device)
+        return b[:numel]
+
+    def _rows(self, caps: Sequence[Capture], name: str, idx: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        p = self.params[name]
+        rows, width = _row_shape(p)
+        n = sum(cap.n for cap in caps)
+        r = self._buffer(self.C * n * idx.numel() * width, p, slot).view(self.C, n, idx.numel(), width)
+        off = 0
+        for cap in caps:
+            rows_of(cap, name, p, idx, self.C, r[:, off:off + cap.n])
+            off += cap.n
+        r = r.reshape(self.C * n, -1)  # (C * n, k * w), row c * n + i
+        mask = self.masks.get(name)
+        if mask is not None:
+            r *= mask.reshape(rows, width).index_select(0, idx).reshape(1, -1).to(r.dtype)
+        return r
+
+    def block(self, targets: Sequence[tuple[torch.Tensor, tuple[bool, bool]]], A: Sequence[Capture],
+              B: Sequence[Capture] | None, accumulate) -> None:
+        """For each (out, signs) of ``targets``: out (C*nA, C*nB) (rows ordered (c, i)) += the kernel with those
+        signs between groups A and B (B=None: B = A). The rows of each tensor are formed once for all targets."""
+        same = B is None
+        B = A if same else B
+        nA, nB = sum(c.n for c in A), sum(c.n for c in B)
+        r = self.C * nA
+        step = max(1, math.ceil(r / SYM_PARTS))
+        parts = [(s0, min(r, s0 + step)) for s0 in range(0, r, step)]
+        tri = [same and sg[0] == sg[1] for _, sg in targets]  # symmetric: block lower triangle, mirrored below
+        for name in self.names:
+            p = self.params[name]
+            rows, width = _row_shape(p)
+            act = torch.zeros(rows, dtype=torch.bool, device=p.device)
+            for cap in A:
+                act |= active_rows(cap, name, p)
+            if not same:
+                actB = torch.zeros_like(act)
+                for cap in B:
+                    actB |= active_rows(cap, name, p)
+                act &= actB
+            idx = act.nonzero().reshape(-1)
+            if idx.numel() == 0:
+                continue
+            per_row = self.C * (nA + (0 if same else nB)) * width * p.element_size()
+            step = max(1, self.chunk_bytes // max(per_row, 1))
+            for s in range(0, idx.numel(), step):
+                sub = idx[s:s + step]
+                ra = self._rows(A, name, sub)
+                rb = None
+                for (out, signs), t in zip(targets, tri):
+                    if t:
+                        for s0, s1 in parts:
+                            accumulate(out[s0:, s0:s1], ra[s0:], ra[s0:s1], signs[0], signs[1])
+                    else:
+                        if rb is None:
+                            rb = ra if same else self._rows(B, name, sub, slot=1)
+                        accumulate(out, ra, rb, signs[0], signs[1])
+                del ra, rb
+        for (out, _), t in zip(targets, tri):
+            if t:
+                for i, (s0, s1) in enumerate(parts):
+                    for t0, t1 in parts[i + 1:]:
+                        out[s0:s1, t0:t1] = out[t0:t1, s0:s1].T
+
+
+def reorder(K: torch.Tensor, C: int, n1: int, n2: int) -> torch.Tensor:
+    """(C*n1, C*n2) with rows (c, i) -> (n1*C, n2*C) with rows (i, c)."""
+    return K.reshape(C, n1, C, n2).permute(1, 0, 3, 2).reshape(n1 * C, n2 * C)
+
+
+def chunk_bytes_default(cpu: bool) -> int:
+    # Below glibc's 32 MiB mmap threshold on the CPU, so row buffers are reused from the heap rather than mapped
+    # (and page-faulted) afresh each time; larger on GPUs.
+    return (24 << 20) if cpu else (256 << 20)
+
+
+def groups_for(names: Sequence[str], per_example: Mapping[str, int], n: int, room: int) -> list[list[str]] | None:
+    """Consecutive groups of tensors whose captures for all ``n`` examples fit ``room`` bytes (one capture pass
+    per group, no recaptured example tiles), or None when a single tensor does not fit."""
+    groups: list[list[str]] = []
+    used = 0
+    for name in names:
+        need = per_example.get(name, 0) * n
+        if need > room:
+            return None
+        if not groups or used + need > room:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += need
+    return groups
+
+
+def tiles_for(n: int, per_example: int, room: int, symmetric: bool) -> tuple[int, int]:
+    """(tile size, number of tiles) such that the captures held at once fit ``room`` bytes."""
+    hold = 1 if (symmetric and per_example * n <= room) else 2
+    t = max(1, min(n, room // max(1, hold * per_example)))
+    tiles = math.ceil(n / t)
+    return math.ceil(n / tiles), tiles
+
+
+def capture_tile(f, params, names, x, start: int, stop: int, block: int, signature: tuple | None,
+                 bar=None) -> list[Capture]:
+    """Captures of examples ``start:stop`` in blocks of ``block``, each checked against ``signature`` (the captured
+    operations of the first block): a block that captured different operations raises ``RuntimeError``."""
+    from theory.ntk import slice_batch
+
+    caps = []
+    for s in range(start, stop, block):
+        e = min(stop, s + block)
+        cap = capture_block(f, params, names, slice_batch(x, s, e), e - s)
+        if signature is None:
+            signature = cap.signature
+        elif cap.signature != signature:
+            raise RuntimeError(f"the factored engine captured different operations for examples {s}:{e} than for "
+                               f"the first block ({len(cap.signature)} vs {len(signature)} uses)")
+        caps.append(cap)
+        if bar is not None:
+            bar.update(1)
+    return caps
+
+
+def run_factored(f, params, names: Sequence[str], masks: Mapping[str, torch.Tensor], x1, x2,
+                 n1: int, n2: int, C: int, signs: Sequence[tuple[bool, bool]], dtype: torch.dtype, *, block: int,
+                 tile1: int, tile2: int, chunk_bytes: int, signature: tuple | None, bar=None):
+    """The factored kernels (n1*C, n2*C) (rows (example, output)) over the covered tensors ``names``, one per entry
+    of ``signs`` ((sign on the x1 side, sign on the x2 side)), from the same captures, with the outputs at x1 and
+    x2. ``x2=None``: symmetric. Tiles of ``tile1`` / ``tile2`` examples bound the captures held at once (the tile
+    of the outer loop is kept, inner tiles are recaptured)."""
+    from theory.ntk import _accumulate
+
+    symmetric = x2 is None
+    fk = FactoredKernel(params, names, masks, C, chunk_bytes)
+    dev = params[names[0]].device
+    Ks = [torch.zeros(n1 * C, n2 * C, dtype=dtype, device=dev) for _ in signs]
+
+    def cap(x, s, e):
+        return capture_tile(f, params, names, x, s, e, block, signature, bar)
+
+    def put(A, B, r0, c0, same: bool, which=None):
+        which = range(len(signs)) if which is None else which
+        nA, nB = sum(c.n for c in A), sum(c.n for c in B)
+        tmps = {k: torch.zeros(C * nA, C * nB, dtype=dtype, device=dev) for k in which}
+        fk.block([(tmps[k], signs[k]) for k in which], A, None if same else B, _accumulate)
+        for k in which:
+            Ks[k][r0 * C:(r0 + nA) * C, c0 * C:(c0 + nB) * C] = reorder(tmps[k], C, nA, nB)
+
+    out1 = torch.empty(n1, C, dtype=dtype, device=dev)
+    out2 = out1 if symmetric else torch.empty(n2, C, dtype=dtype, device=dev)
+    if symmetric:
+        starts = list(range(0, n1, tile1))
+        asym = [k for k, sg in enumerate(signs) if sg[0] != sg[1]]
+        for I, sI in enumerate(starts):
+            eI = min(n1, sI + tile1)
+            A = cap(x1, sI, eI)
+            out1[sI:eI] = torch.cat([c.outputs for c in A]).to(dtype)
+            put(A, A, sI, sI, True)
+            for sJ in starts[:I]:
+                eJ = min(n1, sJ + tile1)
+                B = cap(x1, sJ, eJ)
+                put(A, B, sI, sJ, False)
+                for k, sg in enumerate(signs):
+                    if sg[0] == sg[1]:
+                        Ks[k][sJ * C:eJ * C, sI * C:eI * C] = Ks[k][sI * C:eI * C, sJ * C:eJ * C].T
+                if asym:
+                    put(B, A, sJ, sI, False, asym)
+                del B
+            del A
+        return Ks, out1, out1
+    held1 = None
+    for sJ in range(0, n2, tile2):
+        eJ = min(n2, sJ + tile2)
+        B = cap(x2, sJ, eJ)
+        out2[sJ:eJ] = torch.cat([c.outputs for c in B]).to(dtype)
+        for sI in range(0, n1, tile1):
+            eI = min(n1, sI + tile1)
+            A = held1 if held1 is not None else cap(x1, sI, eI)
+            if sJ == 0:
+                out1[sI:eI] = torch.cat([c.outputs for c in A]).to(dtype)
+            if tile1 >= n1:
+                held1 = A
+            put(A, B, sI, sJ, False)
+        del B
+    return Ks, out1, out2
