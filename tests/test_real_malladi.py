@@ -166,6 +166,12 @@ def test_smollm2_loads_and_gives_a_4x4_kernel(tmp_path):
     res = compute_kernel(clf, data, kernel="sgd", implementation="streaming", memory_budget=4 << 30)
     K = res["kernel"]
     assert K.shape == (4, 4) and np.allclose(K, K.T, rtol=1e-6) and np.all(np.linalg.eigvalsh(K) > 0)
+    # the factored engine (what the quick preset uses): every tensor captured, same kernel, A-SignGD alongside
+    fac = compute_kernel(clf, data, kernel=["sgd", "asigngd"], implementation="factored", memory_budget=8 << 30)
+    assert fac["sgd"]["plan"]["factored"]["uncovered"] == {}
+    assert np.abs(fac["sgd"]["kernel"] - K).max() <= 1e-4 * np.abs(K).max()
+    asym = compute_kernel(clf, data, kernel="asigngd", implementation="streaming", memory_budget=4 << 30)["kernel"]
+    assert np.abs(fac["asigngd"]["kernel"] - asym).max() <= 1e-4 * np.abs(asym).max()
 
     params = [q for q in clf.parameters()]
 
