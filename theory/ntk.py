@@ -15,8 +15,14 @@ where x1 is the evaluation side and x2 the training side (the sign acts on the t
 update direction). ``params_subset`` restricts theta (head only, backbone only, LoRA factors, a mask): the kernel
 of a union of disjoint subsets is the sum of their kernels, so LP-FT decompositions come for free.
 
-Three implementations sit behind ``implementation=`` and are tested against each other and against explicit
+Four implementations sit behind ``implementation=`` and are tested against each other and against explicit
 Jacobians:
+
+* ``"factored"``  per-example gradients rebuilt from the inputs and output gradients of each linear / embedding /
+  norm operation, captured in C ordinary batched backward passes (:mod:`theory.ntk_factored`); rows are formed
+  one parameter tensor at a time and contracted in one wide product. Tensors used any other way are computed by
+  the per-example engine and added. ``auto`` uses it when at least ``AUTO_MIN_FACTORED`` of the parameters
+  factor and a check against per-example gradients on the first examples passes.
 
 * ``"jacobian"``  per-example gradients with ``torch.func`` (``vmap`` over examples of ``jacrev`` over the C
   outputs), all rows materialised, then contracted parameter tensor by parameter tensor. The reference.
@@ -27,7 +33,7 @@ Jacobians:
   for the SignGD kernels). Unbiased; each entry's standard deviation is at most sqrt(2/k) ||g|| ||g'||
   (``NTKResult.error_bound``; see :mod:`theory.sketch`).
 
-``"auto"`` plans from the memory budget: exact streaming when it fits with at most ``AUTO_MAX_TILES`` tiles,
+Otherwise ``"auto"`` plans from the memory budget: exact streaming when it fits with at most ``AUTO_MAX_TILES`` tiles,
 otherwise a sketch, and :class:`NTKMemoryError` naming the sizes when nothing fits. The chosen
 :class:`Plan` is returned with the kernel (``result.plan.describe()``).
 
