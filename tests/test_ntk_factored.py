@@ -241,3 +241,24 @@ def test_several_kernels_from_one_set_of_captures():
             assert torch.all((res.matrix() - ref).abs() <= sign_slack(k, J1, Jb) + 1e-11 * ref.abs())
     with pytest.raises(ValueError, match="kernels must be"):
         empirical_ntks(f, p, x1, kernels=("adam",))
+
+
+def test_the_check_uses_fewer_examples_when_three_do_not_fit():
+    """The per-example reference of the check needs 2 * n * C * P gradient entries; with a budget whose half holds
+    them for 2 examples but not for 3, the check runs on 2 (and still compares with the oracle)."""
+    gen = torch.Generator().manual_seed(7)
+    p = {"w0": torch.randn(512, 16, generator=gen, dtype=torch.float64) / 4,
+         "w1": torch.randn(512, 512, generator=gen, dtype=torch.float64) / math.sqrt(512),
+         "w2": torch.randn(1, 512, generator=gen, dtype=torch.float64) / math.sqrt(512)}
+
+    def f(q, x):
+        return torch.tanh(torch.tanh(x @ q["w0"].T) @ q["w1"].T) @ q["w2"].T
+
+    x = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+    P = sum(v.numel() for v in p.values())
+    per_example = 2 * P * 8  # reference rows of both sides, float64, C = 1
+    budget = 2 * int(2.5 * per_example)  # half the budget holds 2.5 examples' reference rows
+    res = empirical_ntk(f, p, x, implementation="factored", memory_budget=budget)
+    assert res.plan.factored["check_examples"] == 2 and res.plan.factored["check_rel_error"] < 1e-12
+    J = jacobian(f, p, x)
+    assert torch.allclose(res.matrix(), J @ J.T, rtol=1e-11, atol=1e-11)

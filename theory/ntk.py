@@ -722,19 +722,24 @@ def _try_factored(f, params, selection, x1, x2, s: _Sizes, kernels, dtype, dev, 
 
     # check against the per-example engine on the first examples (symmetric kernel of the covered tensors)
     check, check_err = "skipped", None
-    ref_bytes = 2 * nv * s.C * P_cov * s.grad_bytes
+    # as many of the probe's examples as the reference gradients allow (at least 2 when there are 2: one pair)
+    nc = next((k for k in range(nv, 0, -1) if 2 * k * s.C * P_cov * s.grad_bytes <= budget // 2), 0)
+    nc = nc if nc >= min(2, nv) else 0
+    ref_bytes = 2 * max(nc, min(2, nv)) * s.C * P_cov * s.grad_bytes
     ref = None
-    if ref_bytes <= budget // 2:
+    xc = slice_batch(xv, 0, nc)
+    if nc:
         try:
-            ref = empirical_ntk(f, params, xv, kernel=kernel, params_subset=_subset(selection, params, covered),
+            ref = empirical_ntk(f, params, xc, kernel=kernel, params_subset=_subset(selection, params, covered),
                                 implementation="jacobian", memory_budget=budget, dtype=torch.float64,
                                 per_example=per_example, _factored=False).matrix()
         except NTKMemoryError:
             pass
     if ref is not None:
         try:
-            (mine,), _, _ = fz.run_factored(f, params, covered, masks, xv, None, nv, nv, s.C, signs[:1], torch.float64,
-                                         block=nv, tile1=nv, tile2=nv, chunk_bytes=chunk, signature=signature)
+            (mine,), _, _ = fz.run_factored(f, params, covered, masks, xc, None, nc, nc, s.C, signs[:1], torch.float64,
+                                         block=nc, tile1=nc, tile2=nc, chunk_bytes=chunk,
+                                         signature=signature if nc == nv else None)
         except RuntimeError as exc:
             return refuse(f"capture differs between runs ({exc})")
         scale = float(ref.norm())
@@ -742,11 +747,12 @@ def _try_factored(f, params, selection, x1, x2, s: _Sizes, kernels, dtype, dev, 
         tol = FACTORED_CHECK_TOL.get(grad_dtype, 1e-2)
         check = f"max rel. error {check_err:.1e} vs per-example gradients (tol {tol:g})"
         if not check_err <= tol:
-            return refuse(f"the factored kernel disagrees with per-example gradients on the first {nv} examples "
+            return refuse(f"the factored kernel disagrees with per-example gradients on the first {nc} examples "
                           f"(relative error {check_err:.2e} > {tol:g}); the model may not keep examples "
                           f"independent along dim 0 of every captured input")
     else:
-        check = f"skipped (the reference gradients of {nv} examples, {format_bytes(ref_bytes)}, do not fit the budget)"
+        check = (f"skipped (the reference gradients of {min(2, nv)} examples, {format_bytes(ref_bytes)}, do not fit "
+                 f"half the budget)")
 
     # sizes: capture blocks, tiles, product chunks
     per_cap = max(1, probe.nbytes() // nv)
@@ -812,7 +818,7 @@ def _try_factored(f, params, selection, x1, x2, s: _Sizes, kernels, dtype, dev, 
             K += rem.matrix().to(K.device)
             bound, remainder_plan = rem.error_bound, rem.plan
         results[kern] = _factored_result(K, bound, remainder_plan, out1, out2, kern, kernels, s, symmetric, selection,
-                                         params, covered, P_cov, uncovered, check, nv, check_err, per_cap, chunk,
+                                         params, covered, P_cov, uncovered, check, nc or nv, check_err, per_cap, chunk,
                                          groups, requested, grad_dtype, dtype, dev, b, tile1, tiles, budget, peak)
     return results
 
