@@ -193,6 +193,15 @@ def test_models_that_mix_examples_are_refused():
     assert res.plan.implementation == "streaming" and "disagrees with per-example gradients" in res.plan.reason
     with pytest.raises(RuntimeError, match="disagrees with per-example gradients"):
         empirical_ntk(f, p, x, implementation="factored")
+    # several kernels: after the refusal every kernel comes from the per-example engine, and equals the oracle
+    from theory.ntk import empirical_ntks
+
+    J = torch.cat([jacobian(f, p, x[i:i + 1]) for i in range(len(x))])  # per example: each its own batch
+    both = empirical_ntks(f, p, x, kernels=("sgd", "asigngd"))
+    assert [r.plan.implementation for r in both.values()] == ["streaming", "streaming"]
+    for k, r in both.items():
+        ref = reference(k, J, J)
+        assert torch.all((r.matrix() - ref).abs() <= sign_slack(k, J, J) + 1e-11 * ref.abs())
 
 
 @settings(max_examples=15, deadline=None)

@@ -722,10 +722,9 @@ def _try_factored(f, params, selection, x1, x2, s: _Sizes, kernels, dtype, dev, 
 
     # check against the per-example engine on the first examples (symmetric kernel of the covered tensors)
     check, check_err = "skipped", None
-    # as many of the probe's examples as the reference gradients allow (at least 2 when there are 2: one pair)
-    nc = next((k for k in range(nv, 0, -1) if 2 * k * s.C * P_cov * s.grad_bytes <= budget // 2), 0)
-    nc = nc if nc >= min(2, nv) else 0
-    ref_bytes = 2 * max(nc, min(2, nv)) * s.C * P_cov * s.grad_bytes
+    # as many of the probe's examples as the reference gradients allow, down to 2 (one pair; 1 if there is one)
+    ref_bytes = lambda k: 2 * k * s.C * P_cov * s.grad_bytes  # noqa: E731
+    nc = next((k for k in range(nv, min(2, nv) - 1, -1) if ref_bytes(k) <= budget // 2), 0)
     ref = None
     xc = slice_batch(xv, 0, nc)
     if nc:
@@ -751,8 +750,8 @@ def _try_factored(f, params, selection, x1, x2, s: _Sizes, kernels, dtype, dev, 
                           f"(relative error {check_err:.2e} > {tol:g}); the model may not keep examples "
                           f"independent along dim 0 of every captured input")
     else:
-        check = (f"skipped (the reference gradients of {min(2, nv)} examples, {format_bytes(ref_bytes)}, do not fit "
-                 f"half the budget)")
+        check = (f"skipped (the reference gradients of {min(2, nv)} examples, {format_bytes(ref_bytes(min(2, nv)))}, "
+                 f"do not fit half the budget)")
 
     # sizes: capture blocks, tiles, product chunks
     per_cap = max(1, probe.nbytes() // nv)
@@ -807,35 +806,14 @@ def _try_factored(f, params, selection, x1, x2, s: _Sizes, kernels, dtype, dev, 
         del Kg
     if bar is not None:
         bar.close()
-    results = {}
-    for kern, K in zip(kernels, Ks):
-        bound, remainder_plan = None, None
-        if uncovered:
-            rem = empirical_ntk(f, params, x1, x2, kernel=kern, params_subset=_subset(selection, params, uncovered),
-                                implementation="auto", memory_budget=budget, sketch_dim=sketch_dim, seed=seed,
-                                batch_size=batch_size, dtype=dtype, device=dev, progress=progress,
-                                per_example=per_example, _factored=False)
-            K += rem.matrix().to(K.device)
-            bound, remainder_plan = rem.error_bound, rem.plan
-        results[kern] = _factored_result(K, bound, remainder_plan, out1, out2, kern, kernels, s, symmetric, selection,
-                                         params, covered, P_cov, uncovered, check, nc or nv, check_err, per_cap, chunk,
-                                         groups, requested, grad_dtype, dtype, dev, b, tile1, tiles, budget, peak)
-    return results
-
-
-def _factored_result(K, bound, remainder_plan, out1, out2, kernel, kernels, s, symmetric, selection, params, covered,
-                     P_cov, uncovered, check, nv, check_err, per_cap, chunk, groups, requested, grad_dtype, dtype,
-                     dev, b, tile1, tiles, budget, peak) -> NTKResult:
-    error = f"exact up to {str(grad_dtype).replace('torch.', '')} rounding"
-    if remainder_plan is not None and remainder_plan.implementation == "sketch":
-        error = "factored part exact; uncovered part " + remainder_plan.error
     info = {"kernels_from_same_captures": list(kernels), "covered_tensors": len(covered), "covered_params": P_cov,
-            "uncovered": uncovered, "check": check, "check_examples": nv, "check_rel_error": check_err,
+            "uncovered": uncovered, "check": check, "check_examples": nc or nv, "check_rel_error": check_err,
             "capture_bytes_per_example": per_cap, "chunk_bytes": chunk, "capture_groups": len(groups),
-            "remainder_plan": remainder_plan.describe().replace("\n", " |") if remainder_plan else None}
+            "remainder_plan": None}
     why = ("requested" if requested == "factored" else
            "every selected tensor's per-example gradients rebuild from captured inputs and output gradients"
            if not uncovered else f"{len(covered)} of {len(selection.names)} tensors factor")
+    exact = f"exact up to {str(grad_dtype).replace('torch.', '')} rounding"
     plan = Plan(
         implementation="factored", requested=requested, kernel=kernel, num_examples1=s.n1, num_examples2=s.n2,
         symmetric=symmetric, num_outputs=s.C, num_params=s.P,
@@ -843,11 +821,25 @@ def _factored_result(K, bound, remainder_plan, out1, out2, kernel, kernels, s, s
         grad_dtype=str(grad_dtype).replace("torch.", ""), dtype=str(dtype).replace("torch.", ""), device=str(dev),
         batch_size=int(b), tile_size=int(tile1), num_tiles=int(tiles), sketch_dim=None, seed=None,
         per_example="batched backward", memory_budget=budget, estimated_peak_bytes=int(peak),
-        activation_bytes_per_example=s.act, error=error, reason=why, factored=info)
+        activation_bytes_per_example=s.act, error=exact, reason=why, factored=info)
     shape = (s.n1, s.C, s.n2, s.C)
-    return NTKResult(kernel=K.reshape(shape).cpu(), plan=plan,
-                     error_bound=None if bound is None else bound.reshape(shape).cpu(),
-                     outputs1=out1.cpu(), outputs2=out2.cpu())
+    results = {}
+    for kern, K in zip(kernels, Ks):
+        bound, kplan = None, dataclasses.replace(plan, kernel=kern)
+        if uncovered:  # kernels of disjoint subsets add: the per-example engine for the rest
+            rem = empirical_ntk(f, params, x1, x2, kernel=kern, params_subset=_subset(selection, params, uncovered),
+                                implementation="auto", memory_budget=budget, sketch_dim=sketch_dim, seed=seed,
+                                batch_size=batch_size, dtype=dtype, device=dev, progress=progress,
+                                per_example=per_example, _factored=False)
+            K += rem.matrix().to(K.device)
+            bound = None if rem.error_bound is None else rem.error_bound.reshape(shape).cpu()
+            kplan = dataclasses.replace(
+                kplan, factored={**info, "remainder_plan": rem.plan.describe().replace("\n", " |")},
+                error=exact if rem.plan.implementation != "sketch" else
+                "factored part exact; uncovered part " + rem.plan.error)
+        results[kern] = NTKResult(kernel=K.reshape(shape).cpu(), plan=kplan, error_bound=bound,
+                                  outputs1=out1.cpu(), outputs2=out2.cpu())
+    return results
 
 
 def empirical_ntks(f: ModelFn, params: Mapping[str, torch.Tensor], x1: Batch, x2: Batch | None = None, *,
@@ -865,7 +857,9 @@ def empirical_ntks(f: ModelFn, params: Mapping[str, torch.Tensor], x1: Batch, x2
         first = empirical_ntk(f, params, x1, x2, kernel=kernels[0], **{**options, "_kernels": kernels})
         if isinstance(first, dict):
             return first
-        return {kernels[0]: first, **{k: empirical_ntk(f, params, x1, x2, kernel=k, **options) for k in kernels[1:]}}
+        # factoring was refused for this model and these inputs: do not probe and check it again per kernel
+        rest = {**options, "_factored": False}
+        return {kernels[0]: first, **{k: empirical_ntk(f, params, x1, x2, kernel=k, **rest) for k in kernels[1:]}}
     return {k: empirical_ntk(f, params, x1, x2, kernel=k, **options) for k in kernels}
 
 

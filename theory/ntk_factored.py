@@ -91,9 +91,7 @@ class _CaptureMode(TorchFunctionMode):
         return key
 
     def _out(self, t: torch.Tensor) -> int:
-        for i, o in enumerate(self.outs):
-            if o is t:
-                return i
+        """Index of a captured operation's output (each is a fresh tensor: no lookup needed)."""
         self.outs.append(t)
         return len(self.outs) - 1
 
