@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import REPO
 from theory.ntk import NTKMemoryError, empirical_ntk, empirical_ntk_fn, select_parameters
+from theory.oracles import explicit_jacobian as jacobian
+from theory.oracles import reference_kernel as reference
 
 
 @pytest.fixture(autouse=True)
@@ -45,24 +47,6 @@ def make_mlp(seed: int = 0, d: int = 5, width: int = 7, C: int = 3, dtype=torch.
         return h
 
     return f, p
-
-
-def jacobian(f, params, x, names=None) -> torch.Tensor:
-    """(N*C, P) explicit Jacobian w.r.t. the named parameters, by torch.autograd.functional.jacobian."""
-    names = names or list(params)
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    flat = torch.cat([params[n].reshape(-1) for n in names])
-
-    def g(v):
-        sub = {n: t.reshape(s) for n, t, s in zip(names, torch.split(v, sizes), shapes)}
-        return f({**params, **sub}, x)
-
-    return torch.autograd.functional.jacobian(g, flat).reshape(-1, flat.numel())
-
-
-def reference(kernel, J1, J2):
-    return {"sgd": J1 @ J2.T, "signgd": J1.sign() @ J2.sign().T, "asigngd": J1 @ J2.sign().T}[kernel]
 
 
 @pytest.mark.parametrize("kernel", ["sgd", "signgd", "asigngd"])

@@ -16,6 +16,7 @@ from real_tasks.entk import compute_kernel, kernel_distance_metrics, kernel_unio
 from real_tasks.finetune import (FTConfig, accuracy, encode_set, evaluate, finetune, functional_outputs,
                                  linearized_scores, make_classifier, restore, snapshot)
 from real_tasks.models import tiny_model
+from theory.oracles import sign_tau
 from real_tasks.prompts import PROMPTS, get_prompt, label_token_ids, words_of
 
 POS = ["the film was fun", "I liked it a lot", "a fun film", "liked the plot", "fun fun fun", "a lot of fun"]
@@ -107,7 +108,7 @@ def test_kernel_matches_explicit_jacobians(setup):
     J = torch.stack(rows)
     np.testing.assert_allclose(res["kernel"], (J @ J.T).numpy(), rtol=1e-5, atol=1e-7 * float((J @ J.T).abs().max()))
     asym = compute_kernel(clf, data, kernel="asigngd", implementation="jacobian")["kernel"]
-    np.testing.assert_allclose(asym, (J @ J.sign().T).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(asym, (J @ sign_tau(J).T).numpy(), rtol=1e-5, atol=1e-5)
     out = evaluate(clf, data, "cpu")
     np.testing.assert_allclose(res["outputs"][:, 0], (out[:, 1] - out[:, 0]).numpy(), atol=1e-5)
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from theory.ntk import empirical_ntk
+from theory.oracles import explicit_jacobian, sign_tau
 from theory.sketch import CountSketch, count_sketch, count_sketch_std_bound, count_sketch_variance
 
 
@@ -99,26 +100,15 @@ def _mlp(seed=0, d=6, width=40, C=2):
     return f, p
 
 
-def _jacobian(f, p, x):
-    names = list(p)
-    flat = torch.cat([p[n].reshape(-1) for n in names])
-    sizes = [p[n].numel() for n in names]
-
-    def g(v):
-        return f({n: t.reshape(p[n].shape) for n, t in zip(names, torch.split(v, sizes))}, x)
-
-    return torch.autograd.functional.jacobian(g, flat).reshape(-1, flat.numel())
-
-
 @pytest.mark.parametrize("kernel", ["sgd", "signgd", "asigngd"])
 def test_engine_sketch_is_unbiased_with_the_stated_bound(kernel):
     f, p = _mlp()
     gen = torch.Generator().manual_seed(1)
     x1 = torch.randn(5, 6, generator=gen, dtype=torch.float64)
     x2 = torch.randn(4, 6, generator=gen, dtype=torch.float64)
-    J1, J2 = _jacobian(f, p, x1), _jacobian(f, p, x2)
-    A = J1.sign() if kernel == "signgd" else J1
-    B = J2 if kernel == "sgd" else J2.sign()
+    J1, J2 = explicit_jacobian(f, p, x1), explicit_jacobian(f, p, x2)
+    A = sign_tau(J1) if kernel == "signgd" else J1
+    B = J2 if kernel == "sgd" else sign_tau(J2)
     exact = A @ B.T
     k, R = 32, 40
     runs = [empirical_ntk(f, p, x1, x2, kernel=kernel, implementation="sketch", sketch_dim=k, seed=s)
@@ -141,11 +131,11 @@ def test_engine_sketch_is_unbiased_with_the_stated_bound(kernel):
 def test_symmetric_asigngd_sketch_uses_raw_and_signed_sides():
     f, p = _mlp(seed=2)
     x = torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    J = _jacobian(f, p, x)
-    exact = J @ J.sign().T
+    J = explicit_jacobian(f, p, x)
+    exact = J @ sign_tau(J).T
     est = torch.stack([empirical_ntk(f, p, x, kernel="asigngd", implementation="sketch", sketch_dim=64,
                                      seed=s).matrix() for s in range(30)])
-    bound = math.sqrt(2 / 64) * torch.outer(J.norm(dim=1), J.sign().norm(dim=1))
+    bound = math.sqrt(2 / 64) * torch.outer(J.norm(dim=1), sign_tau(J).norm(dim=1))
     assert torch.all((est.mean(0) - exact).abs() <= 5 * bound / math.sqrt(30) + 1e-12)
     # not symmetric: the engine must not have mirrored one triangle
     assert not torch.allclose(exact, exact.T)

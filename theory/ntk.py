@@ -50,6 +50,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 
+from theory import ntk_factored as fz
+from theory.batching import Batch, ModelFn, batch_size_of, batch_to, in_dims, slice_batch, unsqueeze
+from theory.gram import PRODUCT_CHUNK, SIGN_RTOL, accumulate, mirror_lower, row_scale, sign_rows
 from theory.memory import available_memory, format_bytes
 from theory.sketch import CountSketch, count_sketch, count_sketch_std_bound
 
@@ -59,9 +62,6 @@ __all__ = [
     "AUTO_MAX_TILES", "DEFAULT_SKETCH_DIM", "PRODUCT_CHUNK",
 ]
 
-Batch = Union[torch.Tensor, Mapping[str, Any]]
-ModelFn = Callable[[Mapping[str, torch.Tensor], Batch], torch.Tensor]
-
 KERNELS = ("sgd", "signgd", "asigngd")
 IMPLEMENTATIONS = ("jacobian", "streaming", "sketch", "factored", "auto")
 PER_EXAMPLE = ("auto", "vmap", "loop")
@@ -69,7 +69,6 @@ PER_EXAMPLE = ("auto", "vmap", "loop")
 AUTO_MAX_TILES = 4  # beyond this many recomputations of the x1 gradients "auto" prefers a sketch
 DEFAULT_SKETCH_DIM = 4096  # std <= sqrt(2/4096) = 2.2% of ||g|| ||g'|| per entry
 MAX_BLOCK = 64
-PRODUCT_CHUNK = 1 << 20  # columns per float32 product before accumulation in `dtype`
 SKETCH_CHUNK = 1 << 14  # columns sketched at a time (bounds the signed / cast temporaries)
 _OVERHEAD_BYTES = 1 << 20  # allocator slack, Python objects, small temporaries
 _WORK_FACTOR = 1.25  # safety factor on the per-example working memory estimate
@@ -78,53 +77,6 @@ _GLIBC_MMAP_MAX = 32 << 20  # glibc's largest dynamic mmap threshold (DEFAULT_MM
 
 class NTKMemoryError(MemoryError):
     """The memory budget cannot hold any plan for the requested kernel."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Batches: a tensor or a mapping of tensors with a common leading dimension N.
-# ---------------------------------------------------------------------------------------------------------------
-
-def batch_size_of(batch: Batch, name: str = "batch") -> int:
-    """Leading dimension N shared by every tensor of ``batch`` (error naming the field that disagrees)."""
-    if isinstance(batch, torch.Tensor):
-        if batch.ndim == 0:
-            raise ValueError(f"{name}: a 0-d tensor has no example dimension")
-        return int(batch.shape[0])
-    if isinstance(batch, Mapping):
-        sizes = {k: int(v.shape[0]) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.ndim > 0}
-        if not sizes:
-            raise ValueError(f"{name}: the mapping holds no tensor with an example dimension")
-        n = next(iter(sizes.values()))
-        bad = {k: s for k, s in sizes.items() if s != n}
-        if bad:
-            raise ValueError(f"{name}: tensors disagree on the number of examples: {sizes}")
-        return n
-    raise TypeError(f"{name}: expected a tensor or a mapping of tensors, got {type(batch).__name__}")
-
-
-def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
-    """Examples ``start:stop`` of a batch (non-tensor mapping values pass through)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    return {k: (v[start:stop] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in batch.items()}
-
-
-def _batch_to(batch: Batch, device: torch.device) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-def _in_dims(batch: Batch):
-    if isinstance(batch, torch.Tensor):
-        return 0
-    return {k: (0 if isinstance(v, torch.Tensor) and v.ndim > 0 else None) for k, v in batch.items()}
-
-
-def _unsqueeze(example: Batch) -> Batch:
-    if isinstance(example, torch.Tensor):
-        return example.unsqueeze(0)
-    return {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else v) for k, v in example.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,14 +262,15 @@ class _Gradients:
     ``block(x)`` returns ({name: (n*C, P_name) rows}, (n, C) outputs); row ``i*C + c`` is d f_c(x_i)/d theta.
     """
 
-    def __init__(self, f: ModelFn, params: Mapping[str, torch.Tensor], selection: _Selection, per_example: str):
+    def __init__(self, f: ModelFn, params: Mapping[str, torch.Tensor], selection: _Selection, per_example: str,
+                 num_outputs: int | None = None):
         self.f = f
         self.selection = selection
         self.sub = {n: params[n] for n in selection.names}
         self.const = {n: p for n, p in params.items() if n not in self.sub}
         self.per_example = per_example
         self.fallback_reason = ""
-        self.num_outputs: int | None = None
+        self.num_outputs = num_outputs
 
     def _call(self, sub: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return self.f({**self.const, **sub}, batch)
@@ -356,11 +309,11 @@ class _Gradients:
 
     def _block_vmap(self, x: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         def single(sub, example):
-            out = self._call(sub, _unsqueeze(example))[0]  # (C,)
+            out = self._call(sub, unsqueeze(example))[0]  # (C,)
             return out, out.detach()
 
         jac = torch.func.jacrev(single, has_aux=True)
-        grads, outputs = torch.func.vmap(jac, in_dims=(None, _in_dims(x)))(self.sub, x)
+        grads, outputs = torch.func.vmap(jac, in_dims=(None, in_dims(x)))(self.sub, x)
         return grads, outputs  # grads[name]: (n, C, *shape)
 
     def _block_loop(self, x: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -401,27 +354,6 @@ class _Gradients:
             idx = self.selection.index[name]
             rows[name] = g if idx is None else g.index_select(1, idx)
         return rows, outputs
-
-
-def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sign_a: bool, sign_b: bool) -> None:
-    """out += t(a) @ t(b)^T for row-major (r1, P) and (r2, P) operands, over column chunks, each chunk's product
-    cast to ``out.dtype`` before it is accumulated; ``t`` is sign() where asked.
-
-    The operand with more rows goes on the left: for tall-skinny Gram products MKL's A @ B^T is about twice as
-    fast with the wide block on the left (measured: (128 x P) @ (32 x P)^T 37 ms vs (32 x P) @ (128 x P)^T
-    72 ms for P = 2^18), and it needs no transposed copy of either operand.
-    """
-    cols = a.shape[1]
-    swap = b.shape[0] > a.shape[0]
-    for s in range(0, cols, PRODUCT_CHUNK):
-        e = min(cols, s + PRODUCT_CHUNK)
-        ac, bc = a[:, s:e], b[:, s:e]
-        if sign_a:
-            ac = ac.sign()
-        if sign_b:
-            bc = bc.sign()
-        prod = (bc @ ac.T).T if swap else ac @ bc.T
-        out += prod if prod.dtype == out.dtype else prod.to(out.dtype)
 
 
 def _ranges(n: int, size: int, start: int = 0) -> list[tuple[int, int]]:
@@ -547,6 +479,82 @@ def _plan_sketch(s: _Sizes, budget: int, cap: int | None, k: int | None, kernel:
 # The engine
 # ---------------------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One validated engine call: the model function, parameters and inputs on the device, the selection and its
+    sizes, and the options that decide how the kernel is computed."""
+
+    f: ModelFn
+    params: Mapping[str, torch.Tensor]
+    selection: _Selection
+    x1: Batch
+    x2: Batch | None  # None: x2 = x1 (symmetric inputs)
+    sizes: _Sizes
+    implementation: str
+    budget: int
+    batch_size: int | None
+    sketch_dim: int | None
+    seed: int
+    dtype: torch.dtype
+    device: torch.device
+    grad_dtype: torch.dtype
+    per_example: str
+    progress: bool
+
+    @property
+    def symmetric(self) -> bool:
+        return self.x2 is None
+
+    def gradients(self) -> "_Gradients":
+        return _Gradients(self.f, self.params, self.selection, self.per_example, self.sizes.C)
+
+    def restricted(self, params_subset, **changes) -> "_Call":
+        """The same call on a sub-selection of the parameters (and other ``changes``)."""
+        sel = select_parameters(self.params, params_subset)
+        sizes = dataclasses.replace(self.sizes, P=sel.num_params, P_dense=sum(sel.dense_sizes.values()),
+                                    P_max=max(sel.dense_sizes.values()))
+        return dataclasses.replace(self, selection=sel, sizes=sizes, **changes)
+
+    def on_inputs(self, x1: Batch) -> "_Call":
+        """The same call on the symmetric inputs ``x1``."""
+        n = batch_size_of(x1, "x1")
+        return dataclasses.replace(self, x1=x1, x2=None, sizes=dataclasses.replace(self.sizes, n1=n, n2=n,
+                                                                                      symmetric=True))
+
+
+def _prepare(f, params, x1, x2, *, params_subset, implementation, memory_budget, sketch_dim, seed, batch_size,
+             dtype, device, progress, per_example) -> _Call:
+    """Validate the arguments of :func:`empirical_ntk`, move everything to the device and probe the model."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if per_example not in PER_EXAMPLE:
+        raise ValueError(f"per_example must be one of {PER_EXAMPLE}, got {per_example!r}")
+    if sketch_dim is not None and sketch_dim < 1:
+        raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not params:
+        raise ValueError("params is empty")
+    selection = select_parameters(params, params_subset)
+    dev = torch.device(device) if device is not None else params[selection.names[0]].device
+    params = {n: p.detach().to(dev) for n, p in params.items()}
+    symmetric = x2 is None
+    x1 = batch_to(x1, dev)
+    x2 = None if symmetric else batch_to(x2, dev)
+    n1 = batch_size_of(x1, "x1")
+    n2 = n1 if symmetric else batch_size_of(x2, "x2")
+    C, _, act = _Gradients(f, params, selection, per_example).probe(slice_batch(x1, 0, 1))
+    grad_dtype = params[selection.names[0]].dtype
+    sizes = _Sizes(n1=n1, n2=n2, symmetric=symmetric, C=C, P=selection.num_params,
+                   P_dense=sum(selection.dense_sizes.values()), P_max=max(selection.dense_sizes.values()),
+                   grad_bytes=torch.empty((), dtype=grad_dtype).element_size(),
+                   acc_bytes=torch.empty((), dtype=dtype).element_size(), act=act, cpu=dev.type == "cpu")
+    budget = int(memory_budget) if memory_budget is not None else available_memory(dev) // 2
+    return _Call(f=f, params=params, selection=selection, x1=x1, x2=x2, sizes=sizes, implementation=implementation,
+                 budget=budget, batch_size=batch_size, sketch_dim=sketch_dim, seed=seed, dtype=dtype, device=dev,
+                 grad_dtype=grad_dtype, per_example=per_example, progress=progress)
+
+
 def empirical_ntk(
     f: ModelFn,
     params: Mapping[str, torch.Tensor],
@@ -564,8 +572,6 @@ def empirical_ntk(
     device: str | torch.device | None = None,
     progress: bool = False,
     per_example: str = "auto",
-    _factored: bool = True,
-    _kernels: Sequence[str] | None = None,
 ) -> NTKResult:
     """The class-coupled empirical NTK (or a SignGD kernel) of ``f`` at ``params`` between x1 and x2.
 
@@ -575,7 +581,8 @@ def empirical_ntk(
         params: name -> tensor, e.g. ``dict(model.named_parameters())`` (detached internally).
         x1: evaluation-side batch (tensor or mapping of tensors with leading dim N1).
         x2: training-side batch (N2); ``None`` means x2 = x1 and exploits symmetry where the kernel has it.
-        kernel: ``"sgd"`` <g, g'>, ``"signgd"`` <sign g, sign g'>, ``"asigngd"`` <g(x1), sign g(x2)>.
+        kernel: ``"sgd"`` <g, g'>, ``"signgd"`` <sign g, sign g'>, ``"asigngd"`` <g(x1), sign g(x2)>; ``sign`` is
+            the rule of :mod:`theory.gram` (coordinates below 2^-40 ||g||_inf count as zero).
         params_subset: theta restricted to names / a predicate / boolean masks (see :func:`select_parameters`).
         implementation: ``"jacobian"``, ``"streaming"``, ``"sketch"``, ``"factored"`` or ``"auto"`` (see the
             module docstring).
@@ -591,77 +598,99 @@ def empirical_ntk(
             (vmap, falling back to the loop for models that vmap cannot batch).
 
     Returns:
-        :class:`NTKResult` with ``kernel`` (N1, C, N2, C) and the ``plan``.
+        :class:`NTKResult` with ``kernel`` (N1, C, N2, C) and the ``plan``. With x2 = None the SGD and SignGD
+        kernels are symmetric bit for bit (one triangle computed, mirrored).
 
     Raises:
         NTKMemoryError: when no plan fits ``memory_budget``; the message names N1, N2, C, P and the bytes needed.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if per_example not in PER_EXAMPLE:
-        raise ValueError(f"per_example must be one of {PER_EXAMPLE}, got {per_example!r}")
-    if sketch_dim is not None and sketch_dim < 1:
-        raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not params:
-        raise ValueError("params is empty")
+    call = _prepare(f, params, x1, x2, params_subset=params_subset, implementation=implementation,
+                    memory_budget=memory_budget, sketch_dim=sketch_dim, seed=seed, batch_size=batch_size, dtype=dtype,
+                    device=device, progress=progress, per_example=per_example)
+    return _compute(call, (kernel,))[kernel]
 
-    selection = select_parameters(params, params_subset)
-    dev = torch.device(device) if device is not None else params[selection.names[0]].device
-    params = {n: p.detach().to(dev) for n, p in params.items()}
-    symmetric = x2 is None
-    x1 = _batch_to(x1, dev)
-    x2 = x1 if symmetric else _batch_to(x2, dev)
-    n1 = batch_size_of(x1, "x1")
-    n2 = n1 if symmetric else batch_size_of(x2, "x2")
 
-    grads = _Gradients(f, params, selection, per_example)
-    C, out_dtype, act = grads.probe(slice_batch(x1, 0, 1))
-    grad_dtype = params[selection.names[0]].dtype
-    sizes = _Sizes(n1=n1, n2=n2, symmetric=symmetric, C=C, P=selection.num_params,
-                   P_dense=sum(selection.dense_sizes.values()), P_max=max(selection.dense_sizes.values()),
-                   grad_bytes=torch.empty((), dtype=grad_dtype).element_size(),
-                   acc_bytes=torch.empty((), dtype=dtype).element_size(), act=act, cpu=dev.type == "cpu")
-    budget = int(memory_budget) if memory_budget is not None else available_memory(dev) // 2
+def empirical_ntks(f: ModelFn, params: Mapping[str, torch.Tensor], x1: Batch, x2: Batch | None = None, *,
+                   kernels: Sequence[str] = ("sgd", "asigngd"), **options) -> dict[str, NTKResult]:
+    """Several kernels (e.g. the SGD kernel for K-SGD and the A-SignGD kernel for K-A-SignGD) of the same model and
+    inputs. With the factored implementation they come from one set of capture passes and per-example rows (each
+    tensor's rows are formed once and contracted once per kernel); otherwise the per-example engine runs once per
+    kernel. ``options`` are those of :func:`empirical_ntk`."""
+    kernels = tuple(dict.fromkeys(kernels))
+    bad = [k for k in kernels if k not in KERNELS]
+    if bad or not kernels:
+        raise ValueError(f"kernels must be a non-empty subset of {KERNELS}, got {list(kernels)}")
+    defaults = dict(params_subset=None, implementation="auto", memory_budget=None, sketch_dim=None, seed=0,
+                    batch_size=None, dtype=torch.float64, device=None, progress=False, per_example="auto")
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"empirical_ntks: unknown option(s) {sorted(unknown)}")
+    return _compute(_prepare(f, params, x1, x2, **{**defaults, **options}), kernels)
+
+
+def empirical_ntk_fn(f: ModelFn, **options) -> Callable[..., NTKResult]:
+    """A closure ``ntk(params, x1, x2=None, **more) -> NTKResult`` with ``options`` fixed (neural-tangents style)."""
+
+    def ntk(params: Mapping[str, torch.Tensor], x1: Batch, x2: Batch | None = None, **more) -> NTKResult:
+        return empirical_ntk(f, params, x1, x2, **{**options, **more})
+
+    return ntk
+
+
+def _compute(call: _Call, kernels: Sequence[str], factored: bool = True,
+             row_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> dict[str, NTKResult]:
+    """Every kernel of ``kernels`` for ``call``: the factored implementation when asked for (or ``auto`` and it
+    applies), else the per-example engine once per kernel. ``row_scales``: ||g||_inf over all selected parameters
+    per row of x1 / x2 when this call covers only part of them (the factored remainder)."""
     fallback = ""
-    if implementation in ("factored", "auto") and _factored:
-        done = _try_factored(f, params, selection, x1, None if symmetric else x2, sizes, tuple(_kernels or (kernel,)),
-                             dtype, dev, budget,
-                             batch_size, sketch_dim, seed, grad_dtype, per_example, progress, implementation)
+    if factored and call.implementation in ("factored", "auto"):
+        done = _try_factored(call, tuple(kernels))
         if isinstance(done, dict):
-            return done if _kernels else done[kernel]  # empirical_ntks asked for several kernels
+            return done
         fallback = done
-    plan = _make_plan(sizes, budget, "auto" if implementation == "factored" else implementation, kernel,
-                      batch_size, sketch_dim, seed, selection, params, grad_dtype, dtype, dev, per_example)
-    if fallback:
-        plan = dataclasses.replace(plan, requested=implementation, reason=f"{plan.reason}; factored: {fallback}")
+    return {k: _per_example(call, k, fallback, row_scales) for k in kernels}
 
+
+def _plan_error(call: _Call, kernel: str, error: str) -> str:
+    if kernel != "sgd" and call.grad_dtype != torch.float64:
+        error += f"; signs of coordinates at the {str(call.grad_dtype).replace('torch.', '')} rounding level are " \
+                 f"not determined"
+    return error
+
+
+def _per_example(call: _Call, kernel: str, fallback: str, row_scales) -> NTKResult:
+    """One kernel through the per-example engine (jacobian / streaming / sketch, as planned)."""
+    s = call.sizes
+    implementation = "auto" if call.implementation == "factored" else call.implementation
+    plan = _make_plan(s, call.budget, implementation, kernel, call.batch_size, call.sketch_dim, call.seed,
+                      call.selection, call.params, call.grad_dtype, call.dtype, call.device, call.per_example)
+    plan = dataclasses.replace(plan, error=_plan_error(call, kernel, plan.error))
+    if fallback:
+        plan = dataclasses.replace(plan, requested=call.implementation, reason=f"{plan.reason}; factored: {fallback}")
     bar = None
-    if progress:
+    if call.progress:
         from tqdm.auto import tqdm
 
-        total = _num_blocks(plan)
-        bar = tqdm(total=total, desc=f"eNTK ({plan.implementation})", unit="block")
+        bar = tqdm(total=_num_blocks(plan), desc=f"eNTK ({plan.implementation})", unit="block")
         bar.write(plan.describe())
+    grads = call.gradients()
     runner = {"jacobian": _run_jacobian, "streaming": _run_streaming, "sketch": _run_sketch}[plan.implementation]
-    K, bound, out1, out2 = runner(grads, plan, x1, x2, kernel, dtype, bar)
+    scales = (_Thresholds(row_scales[0]), _Thresholds(row_scales[1]))
+    x2 = call.x1 if call.symmetric else call.x2
+    K, bound, out1, out2 = runner(grads, plan, call.x1, x2, kernel, call.dtype, bar, scales)
     if bar is not None:
         bar.close()
+    if call.symmetric and kernel != "asigngd":
+        mirror_lower(K)
     per = grads.per_example if grads.per_example != "auto" else "vmap"
-    if grads.fallback_reason:
-        plan = dataclasses.replace(plan, per_example=per, reason=plan.reason + f"; per-example loop: "
-                                   f"{grads.fallback_reason}")
-    else:
-        plan = dataclasses.replace(plan, per_example=per)
-    shape = (n1, C, n2, C)
-    return NTKResult(
-        kernel=K.reshape(shape).cpu(), plan=plan,
-        error_bound=None if bound is None else bound.reshape(shape).cpu(),
-        outputs1=out1.cpu(), outputs2=out2.cpu(),
-    )
+    reason = plan.reason + (f"; per-example loop: {grads.fallback_reason}" if grads.fallback_reason else "")
+    plan = dataclasses.replace(plan, per_example=per, reason=reason)
+    shape = (s.n1, s.C, s.n2, s.C)
+    return NTKResult(kernel=K.reshape(shape).cpu(), plan=plan,
+                     error_bound=None if bound is None else bound.reshape(shape).cpu(),
+                     outputs1=out1.cpu(), outputs2=out2.cpu())
 
 
 def _dense_masks(selection: _Selection, params, names) -> dict[str, torch.Tensor]:
@@ -686,22 +715,130 @@ AUTO_MIN_FACTORED = 0.5  # "auto" factors when at least this share of the select
 FACTORED_CHECK_TOL = {torch.float64: 1e-10, torch.float32: 1e-3}  # structural errors are O(1)
 
 
-def _try_factored(f, params, selection, x1, x2, s: _Sizes, kernels, dtype, dev, budget, batch_size, sketch_dim,
-                  seed, grad_dtype, per_example, progress, requested) -> dict[str, NTKResult] | str:
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How the factored implementation holds its captures: blocks, groups of tensors or example tiles."""
+
+    block: int
+    groups: list[list[str]]
+    tile1: int
+    tile2: int
+    tiles: int
+    peak: int
+
+
+def _factored_layout(call: _Call, covered: list[str], per_cap: int, per_name: Mapping[str, int], chunk: int,
+                     refuse) -> _Layout | str:
+    s = call.sizes
+    per_work = int(_WORK_FACTOR * (s.act + per_cap))
+    room0 = call.budget - s.base_bytes - 4 * chunk
+    if room0 <= 0:
+        return refuse(f"budget {format_bytes(call.budget)} leaves no room beside the kernel "
+                      f"({format_bytes(s.base_bytes)})", NTKMemoryError)
+    b = call.batch_size or max(1, min(MAX_BLOCK, max(s.n1, s.n2), (room0 // 4) // max(per_work, 1)))
+    room = room0 - b * per_work
+    n_all = s.n1 if call.symmetric else s.n1 + s.n2
+    groups = [covered]
+    if n_all * per_cap > room:  # one capture pass per group of tensors, if the groups fit; else example tiles
+        groups = fz.groups_for(covered, per_name, n_all, room) or [covered]
+    if len(groups) > 1:
+        tile1, tile2, tiles = s.n1, s.n2, 1
+        held = max(sum(per_name.get(k, 0) for k in g) for g in groups) * n_all // max(per_cap, 1)
+    elif call.symmetric:
+        tile1, tiles = fz.tiles_for(s.n1, per_cap, room, True)
+        tile2, held = tile1, (tile1 if tiles == 1 else 2 * tile1)
+    else:
+        if (s.n1 + s.n2) * per_cap <= room:
+            tile1, tile2, tiles = s.n1, s.n2, 1
+        else:
+            tile1 = tile2 = max(1, room // (2 * per_cap))
+            tiles = math.ceil(s.n2 / tile2)
+        held = min(s.n1, tile1) + min(s.n2, tile2)
+    if len(groups) == 1 and room < per_cap * (1 if call.symmetric else 2):
+        return refuse(f"captures need {format_bytes(per_cap)} per example; {format_bytes(max(room, 0))} of the "
+                      f"budget {format_bytes(call.budget)} left for them", NTKMemoryError)
+    return _Layout(block=int(b), groups=groups, tile1=int(tile1), tile2=int(tile2), tiles=int(tiles),
+                   peak=int(s.base_bytes + held * per_cap + b * per_work + 4 * chunk))
+
+
+def _factored_check(call: _Call, covered: list[str], masks, probe, nv: int, chunk: int, refuse):
+    """The factored SGD kernel of the covered tensors on the first examples against per-example gradients.
+
+    The SGD kernel is checked, whatever kernels were asked for: it compares the gradient rows both share, while
+    a sign kernel also depends on the signs of coordinates that are zero in exact arithmetic.
+
+    Returns (check text, relative error or None, examples used), or a refusal."""
+    s = call.sizes
+    P_cov = sum(call.selection.sizes[n] for n in covered)
+    # as many of the probe's examples as the reference gradients allow, down to 2 (one pair; 1 if there is one)
+    ref_bytes = lambda k: 2 * k * s.C * P_cov * s.grad_bytes  # noqa: E731
+    nc = next((k for k in range(nv, min(2, nv) - 1, -1) if ref_bytes(k) <= call.budget // 2), 0)
+    ref = None
+    xc = slice_batch(call.x1, 0, nc)
+    if nc:
+        sub = call.restricted(_subset(call.selection, call.params, covered), implementation="jacobian",
+                              dtype=torch.float64, progress=False).on_inputs(xc)
+        try:
+            ref = _compute(sub, ("sgd",), factored=False)["sgd"].matrix()
+        except NTKMemoryError:
+            pass
+    if ref is None:
+        return (f"skipped (the reference gradients of {min(2, nv)} examples, {format_bytes(ref_bytes(min(2, nv)))}, "
+                f"do not fit half the budget)"), None, nv
+    try:
+        (mine,), _, _ = fz.run_factored(call.f, call.params, covered, masks, xc, None, nc, nc, s.C, [(False, False)],
+                                        torch.float64, block=nc, tile1=nc, tile2=nc, chunk_bytes=chunk,
+                                        signature=probe.signature if nc == nv else None)
+    except RuntimeError as exc:
+        return refuse(f"capture differs between runs ({exc})")
+    scale = float(ref.norm())
+    err = float((mine.cpu() - ref).norm()) / (scale if scale > 0 else 1.0)
+    tol = FACTORED_CHECK_TOL.get(call.grad_dtype, 1e-2)
+    if not err <= tol:
+        return refuse(f"the factored kernel disagrees with per-example gradients on the first {nc} examples "
+                      f"(relative error {err:.2e} > {tol:g}); the model may not keep examples independent along "
+                      f"dim 0 of every captured input")
+    return f"SGD kernel, max rel. error {err:.1e} vs per-example gradients (tol {tol:g})", err, nc
+
+
+def _row_scales(call: _Call, covered: list[str], uncovered: list[str], masks, block: int, signature) -> tuple:
+    """||g||_inf over every selected parameter for each row (example, output) of x1 and x2, (n*C,) float64: the
+    scale of the sign rule. One pass of captures (and of per-example gradients for the uncovered tensors)."""
+    s = call.sizes
+    rest = None
+    if uncovered:
+        rest = call.restricted(_subset(call.selection, call.params, uncovered)).gradients()
+
+    def side(x, n):
+        out = torch.empty(n * s.C, dtype=torch.float64, device=call.device)
+        for a in range(0, n, block):
+            e = min(n, a + block)
+            xb = slice_batch(x, a, e)
+            sc = fz.row_scales(call.f, call.params, covered, masks, xb, e - a, s.C, signature)
+            if rest is not None:
+                rows, _ = rest.block(xb)
+                for g in rows.values():
+                    sc = torch.maximum(sc, row_scale(g).to(sc.device))
+            out[a * s.C:e * s.C] = sc
+        return out
+
+    one = side(call.x1, s.n1)
+    return one, (one if call.symmetric else side(call.x2, s.n2))
+
+
+def _try_factored(call: _Call, kernels: tuple[str, ...]) -> dict[str, NTKResult] | str:
     """The factored implementation (:mod:`theory.ntk_factored`), checked against the per-example engine on the
-    first examples. Returns the result, or (for ``"auto"``) the reason it was not used."""
-    from theory import ntk_factored as fz
+    first examples. Returns the results, or (for ``"auto"``) the reason it was not used."""
+    s, requested, selection = call.sizes, call.implementation, call.selection
 
     def refuse(why: str, error=RuntimeError) -> str:
         if requested == "factored":
             raise error(f"implementation='factored': {why}")
         return why
 
-    symmetric = x2 is None
     nv = min(FACTORED_CHECK_EXAMPLES, s.n1)
-    xv = slice_batch(x1, 0, nv)
     try:
-        probe = fz.capture_block(f, params, selection.names, xv, nv)
+        probe = fz.capture_block(call.f, call.params, selection.names, slice_batch(call.x1, 0, nv), nv)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
         return refuse(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
     uncovered = dict(probe.uncovered)
@@ -714,90 +851,39 @@ def _try_factored(f, params, selection, x1, x2, s: _Sizes, kernels, dtype, dev, 
         return (f"only {P_cov:,} of {s.P:,} parameters enter captured operations (uncovered: "
                 f"{_some(sorted(uncovered), 3)}), below {AUTO_MIN_FACTORED:.0%}")
     probe.drop(set(uncovered))
-    signature = probe.signature
-    masks = _dense_masks(selection, params, covered)
-    kernel = kernels[0]
+    masks = _dense_masks(selection, call.params, covered)
     signs = [_signs(k) for k in kernels]
-    chunk = min(fz.chunk_bytes_default(s.cpu), max(1 << 16, budget // 16))
+    chunk = min(fz.chunk_bytes_default(s.cpu), max(1 << 16, call.budget // 16))
 
-    # check against the per-example engine on the first examples (symmetric kernel of the covered tensors)
-    check, check_err = "skipped", None
-    # as many of the probe's examples as the reference gradients allow, down to 2 (one pair; 1 if there is one)
-    ref_bytes = lambda k: 2 * k * s.C * P_cov * s.grad_bytes  # noqa: E731
-    nc = next((k for k in range(nv, min(2, nv) - 1, -1) if ref_bytes(k) <= budget // 2), 0)
-    ref = None
-    xc = slice_batch(xv, 0, nc)
-    if nc:
-        try:
-            ref = empirical_ntk(f, params, xc, kernel=kernel, params_subset=_subset(selection, params, covered),
-                                implementation="jacobian", memory_budget=budget, dtype=torch.float64,
-                                per_example=per_example, _factored=False).matrix()
-        except NTKMemoryError:
-            pass
-    if ref is not None:
-        try:
-            (mine,), _, _ = fz.run_factored(f, params, covered, masks, xc, None, nc, nc, s.C, signs[:1], torch.float64,
-                                         block=nc, tile1=nc, tile2=nc, chunk_bytes=chunk,
-                                         signature=signature if nc == nv else None)
-        except RuntimeError as exc:
-            return refuse(f"capture differs between runs ({exc})")
-        scale = float(ref.norm())
-        check_err = float((mine.cpu() - ref).norm()) / (scale if scale > 0 else 1.0)
-        tol = FACTORED_CHECK_TOL.get(grad_dtype, 1e-2)
-        check = f"max rel. error {check_err:.1e} vs per-example gradients (tol {tol:g})"
-        if not check_err <= tol:
-            return refuse(f"the factored kernel disagrees with per-example gradients on the first {nc} examples "
-                          f"(relative error {check_err:.2e} > {tol:g}); the model may not keep examples "
-                          f"independent along dim 0 of every captured input")
-    else:
-        check = (f"skipped (the reference gradients of {min(2, nv)} examples, {format_bytes(ref_bytes(min(2, nv)))}, "
-                 f"do not fit half the budget)")
-
-    # sizes: capture blocks, tiles, product chunks
+    checked = _factored_check(call, covered, masks, probe, nv, chunk, refuse)
+    if isinstance(checked, str):
+        return checked
+    check, check_err, check_n = checked
     per_cap = max(1, probe.nbytes() // nv)
-    per_work = int(_WORK_FACTOR * (s.act + per_cap))
-    room0 = budget - s.base_bytes - 4 * chunk
-    if room0 <= 0:
-        return refuse(f"budget {format_bytes(budget)} leaves no room beside the kernel ({format_bytes(s.base_bytes)})",
-                      NTKMemoryError)
-    n_max = max(s.n1, s.n2)
-    b = batch_size or max(1, min(MAX_BLOCK, n_max, (room0 // 4) // max(per_work, 1)))
-    room = room0 - b * per_work
-    n_all = s.n1 if symmetric else s.n1 + s.n2
-    groups = [covered]
-    if n_all * per_cap > room:  # one capture pass per group of tensors, if the groups fit; else example tiles
-        per_name = {k: -(-v // nv) for k, v in probe.bytes_per_name().items()}
-        groups = fz.groups_for(covered, per_name, n_all, room) or [covered]
-    if len(groups) > 1:
-        tile1, tile2, tiles = s.n1, s.n2, 1
-        held = max(sum(per_name.get(k, 0) for k in g) for g in groups) * n_all // max(per_cap, 1)
-    elif symmetric:
-        tile1, tiles = fz.tiles_for(s.n1, per_cap, room, True)
-        tile2, held = tile1, (tile1 if tiles == 1 else 2 * tile1)
-    else:
-        if (s.n1 + s.n2) * per_cap <= room:
-            tile1, tile2, tiles = s.n1, s.n2, 1
-        else:
-            tile1 = tile2 = max(1, room // (2 * per_cap))
-            tiles = math.ceil(s.n2 / tile2)
-        held = min(s.n1, tile1) + min(s.n2, tile2)
-    if len(groups) == 1 and room < per_cap * (1 if symmetric else 2):
-        return refuse(f"captures need {format_bytes(per_cap)} per example; {format_bytes(max(room, 0))} of the budget "
-                      f"{format_bytes(budget)} left for them", NTKMemoryError)
-    peak = s.base_bytes + held * per_cap + b * per_work + 4 * chunk
+    per_name = {k: -(-v // nv) for k, v in probe.bytes_per_name().items()}
+    layout = _factored_layout(call, covered, per_cap, per_name, chunk, refuse)
+    if isinstance(layout, str):
+        return layout
+    b, groups = layout.block, layout.groups
 
+    scales = (None, None)
+    if any(a or c for a, c in signs):
+        scales = _row_scales(call, covered, sorted(uncovered), masks, b, probe.signature)
+    thresholds = tuple(None if sc is None else SIGN_RTOL * sc for sc in scales)
     bar = None
-    if progress:
+    if call.progress:
         from tqdm.auto import tqdm
 
-        n_caps = (math.ceil(s.n1 / b) * (tiles + 1) // 2 * max(1, tiles) if symmetric
+        tiles = layout.tiles
+        n_caps = (math.ceil(s.n1 / b) * (tiles + 1) // 2 * max(1, tiles) if call.symmetric
                   else math.ceil(s.n2 / b) + tiles * math.ceil(s.n1 / b))
         bar = tqdm(total=n_caps * len(groups), desc="eNTK (factored)", unit="block")
     Ks = None
     for group in groups:
-        Kg, o1, o2 = fz.run_factored(f, params, group, masks, x1, x2, s.n1, s.n2, s.C, signs, dtype, block=b,
-                                     tile1=tile1, tile2=tile2, chunk_bytes=chunk,
-                                     signature=signature if len(groups) == 1 else None, bar=bar)
+        Kg, o1, o2 = fz.run_factored(call.f, call.params, group, masks, call.x1, call.x2, s.n1, s.n2, s.C, signs,
+                                     call.dtype, block=b, tile1=layout.tile1, tile2=layout.tile2, chunk_bytes=chunk,
+                                     signature=probe.signature if len(groups) == 1 else None, bar=bar,
+                                     thresholds=thresholds)
         if Ks is None:
             Ks, out1, out2 = Kg, o1, o2
         else:
@@ -807,69 +893,42 @@ def _try_factored(f, params, selection, x1, x2, s: _Sizes, kernels, dtype, dev, 
     if bar is not None:
         bar.close()
     info = {"kernels_from_same_captures": list(kernels), "covered_tensors": len(covered), "covered_params": P_cov,
-            "uncovered": uncovered, "check": check, "check_examples": nc or nv, "check_rel_error": check_err,
+            "uncovered": uncovered, "check": check, "check_examples": check_n, "check_rel_error": check_err,
             "capture_bytes_per_example": per_cap, "chunk_bytes": chunk, "capture_groups": len(groups),
-            "remainder_plan": None}
+            "sign_scale_pass": scales[0] is not None, "remainder_plan": None}
     why = ("requested" if requested == "factored" else
            "every selected tensor's per-example gradients rebuild from captured inputs and output gradients"
            if not uncovered else f"{len(covered)} of {len(selection.names)} tensors factor")
-    exact = f"exact up to {str(grad_dtype).replace('torch.', '')} rounding"
+    exact = f"exact up to {str(call.grad_dtype).replace('torch.', '')} rounding"
     plan = Plan(
-        implementation="factored", requested=requested, kernel=kernel, num_examples1=s.n1, num_examples2=s.n2,
-        symmetric=symmetric, num_outputs=s.C, num_params=s.P,
-        num_params_total=sum(int(p.numel()) for p in params.values()), num_tensors=len(selection.names),
-        grad_dtype=str(grad_dtype).replace("torch.", ""), dtype=str(dtype).replace("torch.", ""), device=str(dev),
-        batch_size=int(b), tile_size=int(tile1), num_tiles=int(tiles), sketch_dim=None, seed=None,
-        per_example="batched backward", memory_budget=budget, estimated_peak_bytes=int(peak),
+        implementation="factored", requested=requested, kernel=kernels[0], num_examples1=s.n1, num_examples2=s.n2,
+        symmetric=call.symmetric, num_outputs=s.C, num_params=s.P,
+        num_params_total=sum(int(p.numel()) for p in call.params.values()), num_tensors=len(selection.names),
+        grad_dtype=str(call.grad_dtype).replace("torch.", ""), dtype=str(call.dtype).replace("torch.", ""),
+        device=str(call.device), batch_size=b, tile_size=layout.tile1, num_tiles=layout.tiles, sketch_dim=None,
+        seed=None, per_example="batched backward", memory_budget=call.budget, estimated_peak_bytes=layout.peak,
         activation_bytes_per_example=s.act, error=exact, reason=why, factored=info)
     shape = (s.n1, s.C, s.n2, s.C)
+    remainder = {}
+    if uncovered:  # kernels of disjoint subsets add: the per-example engine for the rest
+        rest = call.restricted(_subset(selection, call.params, sorted(uncovered)), implementation="auto")
+        remainder = _compute(rest, kernels, factored=False, row_scales=scales)
     results = {}
     for kern, K in zip(kernels, Ks):
-        bound, kplan = None, dataclasses.replace(plan, kernel=kern)
-        if uncovered:  # kernels of disjoint subsets add: the per-example engine for the rest
-            rem = empirical_ntk(f, params, x1, x2, kernel=kern, params_subset=_subset(selection, params, uncovered),
-                                implementation="auto", memory_budget=budget, sketch_dim=sketch_dim, seed=seed,
-                                batch_size=batch_size, dtype=dtype, device=dev, progress=progress,
-                                per_example=per_example, _factored=False)
+        bound, kplan = None, dataclasses.replace(plan, kernel=kern, error=_plan_error(call, kern, exact))
+        if kern in remainder:
+            rem = remainder[kern]
             K += rem.matrix().to(K.device)
             bound = None if rem.error_bound is None else rem.error_bound.reshape(shape).cpu()
             kplan = dataclasses.replace(
                 kplan, factored={**info, "remainder_plan": rem.plan.describe().replace("\n", " |")},
-                error=exact if rem.plan.implementation != "sketch" else
+                error=kplan.error if rem.plan.implementation != "sketch" else
                 "factored part exact; uncovered part " + rem.plan.error)
+        if call.symmetric and kern != "asigngd":
+            mirror_lower(K)
         results[kern] = NTKResult(kernel=K.reshape(shape).cpu(), plan=kplan, error_bound=bound,
                                   outputs1=out1.cpu(), outputs2=out2.cpu())
     return results
-
-
-def empirical_ntks(f: ModelFn, params: Mapping[str, torch.Tensor], x1: Batch, x2: Batch | None = None, *,
-                   kernels: Sequence[str] = ("sgd", "asigngd"), **options) -> dict[str, NTKResult]:
-    """Several kernels (e.g. the SGD kernel for K-SGD and the A-SignGD kernel for K-A-SignGD) of the same model and
-    inputs. With the factored implementation they come from one set of capture passes and per-example rows (each
-    tensor's rows are formed once and contracted once per kernel); otherwise :func:`empirical_ntk` runs once per
-    kernel. ``options`` are those of :func:`empirical_ntk`."""
-    kernels = tuple(dict.fromkeys(kernels))
-    bad = [k for k in kernels if k not in KERNELS]
-    if bad or not kernels:
-        raise ValueError(f"kernels must be a non-empty subset of {KERNELS}, got {list(kernels)}")
-    implementation = options.get("implementation", "auto")
-    if len(kernels) > 1 and implementation in ("auto", "factored"):
-        first = empirical_ntk(f, params, x1, x2, kernel=kernels[0], **{**options, "_kernels": kernels})
-        if isinstance(first, dict):
-            return first
-        # factoring was refused for this model and these inputs: do not probe and check it again per kernel
-        rest = {**options, "_factored": False}
-        return {kernels[0]: first, **{k: empirical_ntk(f, params, x1, x2, kernel=k, **rest) for k in kernels[1:]}}
-    return {k: empirical_ntk(f, params, x1, x2, kernel=k, **options) for k in kernels}
-
-
-def empirical_ntk_fn(f: ModelFn, **options) -> Callable[..., NTKResult]:
-    """A closure ``ntk(params, x1, x2=None, **more) -> NTKResult`` with ``options`` fixed (neural-tangents style)."""
-
-    def ntk(params: Mapping[str, torch.Tensor], x1: Batch, x2: Batch | None = None, **more) -> NTKResult:
-        return empirical_ntk(f, params, x1, x2, **{**options, **more})
-
-    return ntk
 
 
 def _make_plan(s: _Sizes, budget: int, implementation: str, kernel: str, cap: int | None, k: int | None,
@@ -965,30 +1024,57 @@ def _signs(kernel: str) -> tuple[bool, bool]:
     return {"sgd": (False, False), "signgd": (True, True), "asigngd": (False, True)}[kernel]
 
 
-def _run_jacobian(grads, plan, x1, x2, kernel, dtype, bar):
+class _Thresholds:
+    """Per-row thresholds tau * ||g||_inf of the sign rule (:mod:`theory.gram`) for one side of the kernel.
+
+    ``external`` is the (N*C,) row scale over *all* selected parameters when this engine computes only part of them
+    (the factored implementation's uncovered remainder); otherwise each block's scale comes from its own rows,
+    which hold every selected tensor."""
+
+    def __init__(self, external: torch.Tensor | None):
+        self.external = external
+
+    def of(self, s: int, e: int, C: int, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.external is not None:
+            scale = self.external[s * C:e * C]
+        else:
+            scale = None
+            for g in rows.values():
+                r = row_scale(g)
+                scale = r if scale is None else torch.maximum(scale, r)
+        dev = next(iter(rows.values())).device
+        return (SIGN_RTOL * scale).to(dev)
+
+
+def _run_jacobian(grads, plan, x1, x2, kernel, dtype, bar, scales):
     C = plan.num_outputs
     sa, sb = _signs(kernel)
 
-    def materialise(x, n):
+    def materialise(x, n, side: _Thresholds, need: bool):
         rows = {name: None for name in grads.selection.names}
-        outs = []
+        outs, thr = [], []
         for s, e, block, out in _blocks(grads, x, n, plan.batch_size, bar=bar):
+            if need:
+                thr.append(side.of(s, e, C, block))
             for name, g in block.items():
                 if rows[name] is None:
                     rows[name] = torch.empty(n * C, g.shape[1], dtype=g.dtype, device=g.device)
                 rows[name][s * C:e * C] = g
             outs.append(out)
-        return rows, torch.cat(outs)
+        return rows, torch.cat(outs), (torch.cat(thr) if need else None)
 
-    J1, out1 = materialise(x1, plan.num_examples1)
-    J2, out2 = (J1, out1) if plan.symmetric else materialise(x2, plan.num_examples2)
+    J1, out1, t1 = materialise(x1, plan.num_examples1, scales[0], sa or (plan.symmetric and sb))
+    if plan.symmetric:
+        J2, out2, t2 = J1, out1, t1
+    else:
+        J2, out2, t2 = materialise(x2, plan.num_examples2, scales[1], sb)
     K = torch.zeros(plan.num_examples1 * C, plan.num_examples2 * C, dtype=dtype, device=out1.device)
     for name in grads.selection.names:
-        _accumulate(K, J1[name], J2[name], sa, sb)
+        accumulate(K, J1[name], J2[name], t1 if sa else None, t2 if sb else None)
     return K, None, out1, out2
 
 
-def _run_streaming(grads, plan, x1, x2, kernel, dtype, bar):
+def _run_streaming(grads, plan, x1, x2, kernel, dtype, bar, scales):
     C, b = plan.num_outputs, plan.batch_size
     n1, n2 = plan.num_examples1, plan.num_examples2
     sa, sb = _signs(kernel)
@@ -1004,17 +1090,24 @@ def _run_streaming(grads, plan, x1, x2, kernel, dtype, bar):
     if plan.symmetric and plan.num_tiles == 1:
         store = None
         outs = []
+        thr_all = None  # asigngd: thresholds of the stored (raw) rows, signed on the fly
         for s, e, block, out in _blocks(grads, x1, n1, b, bar=bar):
             if K is None:
                 K = torch.zeros(n1 * C, n2 * C, dtype=dtype, device=out.device)
                 store = new_store(n1 * C, block[names[0]])
+                if sb:
+                    thr_all = torch.zeros(n1 * C, dtype=torch.float64, device=out.device)
             outs.append(out)
             rows, done, before = slice(s * C, e * C), slice(0, e * C), slice(0, s * C)
+            if sb:
+                thr_all[rows] = scales[0].of(s, e, C, block)
+            thr_new, thr_done, thr_before = ((thr_all[rows], thr_all[done], thr_all[before]) if sb
+                                             else (None, None, None))
             last = e == n1  # the last block is never read again: contract it in place, skip its copy
             for name in names:
                 g = block.pop(name)  # (b*C, P_name)
                 if kernel == "signgd":  # both sides signed: store the signed rows once
-                    g = g.sign_()
+                    g = sign_rows(g, thr_new)
                 if last:
                     new, upto = g, store[name][before]
                 else:
@@ -1023,19 +1116,19 @@ def _run_streaming(grads, plan, x1, x2, kernel, dtype, bar):
                 del g
                 if kernel == "asigngd":  # not symmetric: K[I, :e] = <g_I, sign g_:e>, K[:s, I] = <g_:s, sign g_I>
                     if last:
-                        _accumulate(K[rows, rows], new, new, False, True)
+                        accumulate(K[rows, rows], new, new, None, thr_new)
                         if s > 0:
-                            _accumulate(K[rows, before], new, upto, False, True)
+                            accumulate(K[rows, before], new, upto, None, thr_before)
                     else:
-                        _accumulate(K[rows, done], new, upto, False, True)
+                        accumulate(K[rows, done], new, upto, None, thr_done)
                     if s > 0:
-                        _accumulate(K[before, rows], store[name][before], new, False, True)
+                        accumulate(K[before, rows], store[name][before], new, None, thr_new)
                 elif last:  # K[:s, I] and the diagonal block
-                    _accumulate(K[rows, rows], new, new, False, False)
+                    accumulate(K[rows, rows], new, new, None, None)
                     if s > 0:
-                        _accumulate(K[before, rows], upto, new, False, False)
+                        accumulate(K[before, rows], upto, new, None, None)
                 else:  # K[:e, I] in one product; the block row K[I, :s] is its mirror image
-                    _accumulate(K[done, rows], upto, new, False, False)
+                    accumulate(K[done, rows], upto, new, None, None)
                 del new, upto
             if kernel != "asigngd" and s > 0:
                 K[rows, before] = K[before, rows].T
@@ -1044,6 +1137,7 @@ def _run_streaming(grads, plan, x1, x2, kernel, dtype, bar):
 
     out1_parts: list[torch.Tensor] = []
     out2_parts: list[torch.Tensor] = []
+    side2 = scales[0] if plan.symmetric else scales[1]
     for tile_start in range(0, n2, plan.tile_size):
         tile_stop = min(n2, tile_start + plan.tile_size)
         store = None
@@ -1051,9 +1145,10 @@ def _run_streaming(grads, plan, x1, x2, kernel, dtype, bar):
             if store is None:
                 store = new_store((tile_stop - tile_start) * C, block[names[0]])
             rows = slice((s - tile_start) * C, (e - tile_start) * C)
+            thr = side2.of(s, e, C, block) if sb else None
             for name in names:
                 g = block.pop(name)
-                store[name][rows] = g.sign_() if sb else g
+                store[name][rows] = sign_rows(g, thr) if sb else g
                 del g
             out2_parts.append(out)
         cols = slice(tile_start * C, tile_stop * C)
@@ -1063,21 +1158,22 @@ def _run_streaming(grads, plan, x1, x2, kernel, dtype, bar):
             if tile_start == 0:
                 out1_parts.append(out)
             rows = slice(s * C, e * C)
+            thr = scales[0].of(s, e, C, block) if sa else None
             for name in names:
-                _accumulate(K[rows, cols], block.pop(name), store[name], sa, False)
+                accumulate(K[rows, cols], block.pop(name), store[name], thr, None)
         del store
     out1, out2 = torch.cat(out1_parts), torch.cat(out2_parts)
     return K, None, out1, (out1 if plan.symmetric else out2)
 
 
-def _run_sketch(grads, plan, x1, x2, kernel, dtype, bar):
+def _run_sketch(grads, plan, x1, x2, kernel, dtype, bar, scales):
     C, b, k = plan.num_outputs, plan.batch_size, plan.sketch_dim
     n1, n2 = plan.num_examples1, plan.num_examples2
     sa, sb = _signs(kernel)
     sketch = CountSketch(k, plan.seed)
     names = grads.selection.names
 
-    def sketch_side(x, n, sign, also_other_sign: bool):
+    def sketch_side(x, n, sign, also_other_sign: bool, side: _Thresholds):
         S = S_other = norms = norms_other = None
         outs = []
         for s, e, block, out in _blocks(grads, x, n, b, bar=bar):
@@ -1088,6 +1184,7 @@ def _run_sketch(grads, plan, x1, x2, kernel, dtype, bar):
                     S_other, norms_other = torch.zeros_like(S), torch.zeros_like(norms)
             outs.append(out)
             rows = slice(s * C, e * C)
+            thr = side.of(s, e, C, block) if (sign or also_other_sign) else None
             for part, name in enumerate(names):
                 raw = block.pop(name)
                 buckets, signs = sketch.hashes(part, raw.shape[1], raw.device, dtype)
@@ -1097,20 +1194,20 @@ def _run_sketch(grads, plan, x1, x2, kernel, dtype, bar):
                         if SS is None:
                             continue
                         v = raw[:, c0:c1]
-                        v = (v.sign() if signed else v).to(dtype)
+                        v = (sign_rows(v, thr) if signed else v).to(dtype)
                         NN[rows] += torch.linalg.vector_norm(v, dim=1) ** 2
                         count_sketch(v, buckets[c0:c1], signs[c0:c1], k, out=SS[rows])
                         del v
         return S, norms, S_other, norms_other, torch.cat(outs)
 
     both = plan.symmetric and sa != sb  # asigngd with x2 = x1: raw and signed sketches in one pass
-    S1, q1, S2, q2, out1 = sketch_side(x1, n1, sa, both)
+    S1, q1, S2, q2, out1 = sketch_side(x1, n1, sa, both, scales[0])
     if plan.symmetric:
         out2 = out1
         if not both:
             S2, q2 = S1, q1
     else:
-        S2, q2, _, _, out2 = sketch_side(x2, n2, sb, False)
+        S2, q2, _, _, out2 = sketch_side(x2, n2, sb, False, scales[1])
     K = S1 @ S2.T
     bound = count_sketch_std_bound(q1, q2, k)
     return K, bound, out1, out2

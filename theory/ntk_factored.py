@@ -40,7 +40,10 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Capture", "capture_block", "FactoredKernel"]
+from theory.batching import slice_batch
+from theory.gram import accumulate, mirror_lower, row_scale
+
+__all__ = ["Capture", "capture_block", "FactoredKernel", "run_factored", "row_scales"]
 
 _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
@@ -483,16 +486,30 @@ class FactoredKernel:
         return r
 
     def block(self, targets: Sequence[tuple[torch.Tensor, tuple[bool, bool]]], A: Sequence[Capture],
-              B: Sequence[Capture] | None, accumulate) -> None:
+              B: Sequence[Capture] | None, thresholds: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+              ) -> None:
         """For each (out, signs) of ``targets``: out (C*nA, C*nB) (rows ordered (c, i)) += the kernel with those
-        signs between groups A and B (B=None: B = A). The rows of each tensor are formed once for all targets."""
+        signs between groups A and B (B=None: B = A). The rows of each tensor are formed once for all targets.
+
+        ``thresholds``: (C*nA,) and (C*nB,) per-row thresholds of the sign rule (:mod:`theory.gram`), rows ordered
+        (c, i); required on a side that is signed. A symmetric target (B = A, equal signs) is computed on its lower
+        triangle and mirrored, so it is symmetric bit for bit."""
         same = B is None
         B = A if same else B
+        tA, tB = thresholds[0], (thresholds[0] if same else thresholds[1])
         nA, nB = sum(c.n for c in A), sum(c.n for c in B)
         r = self.C * nA
         step = max(1, math.ceil(r / SYM_PARTS))
         parts = [(s0, min(r, s0 + step)) for s0 in range(0, r, step)]
         tri = [same and sg[0] == sg[1] for _, sg in targets]  # symmetric: block lower triangle, mirrored below
+
+        def side(flag: bool, thr, lo=0, hi=None):
+            if not flag:
+                return None
+            if thr is None:
+                raise ValueError("a signed side needs the sign rule's row thresholds")
+            return thr[lo:hi]
+
         for name in self.names:
             p = self.params[name]
             rows, width = _row_shape(p)
@@ -516,17 +533,32 @@ class FactoredKernel:
                 for (out, signs), t in zip(targets, tri):
                     if t:
                         for s0, s1 in parts:
-                            accumulate(out[s0:, s0:s1], ra[s0:], ra[s0:s1], signs[0], signs[1])
+                            accumulate(out[s0:, s0:s1], ra[s0:], ra[s0:s1], side(signs[0], tA, s0),
+                                       side(signs[1], tA, s0, s1))
                     else:
                         if rb is None:
                             rb = ra if same else self._rows(B, name, sub, slot=1)
-                        accumulate(out, ra, rb, signs[0], signs[1])
+                        accumulate(out, ra, rb, side(signs[0], tA), side(signs[1], tB))
                 del ra, rb
         for (out, _), t in zip(targets, tri):
             if t:
-                for i, (s0, s1) in enumerate(parts):
-                    for t0, t1 in parts[i + 1:]:
-                        out[s0:s1, t0:t1] = out[t0:t1, s0:s1].T
+                mirror_lower(out)
+
+    def row_scale(self, A: Sequence[Capture]) -> torch.Tensor:
+        """||g||_inf over this kernel's tensors for each row (c, i) of the captured examples A: (C*nA,) float64."""
+        nA = sum(c.n for c in A)
+        out = torch.zeros(self.C * nA, dtype=torch.float64, device=self.params[self.names[0]].device)
+        for name in self.names:
+            p = self.params[name]
+            rows, width = _row_shape(p)
+            act = torch.zeros(rows, dtype=torch.bool, device=p.device)
+            for cap in A:
+                act |= active_rows(cap, name, p)
+            idx = act.nonzero().reshape(-1)
+            step = max(1, self.chunk_bytes // max(self.C * nA * width * p.element_size(), 1))
+            for s in range(0, idx.numel(), step):
+                out = torch.maximum(out, row_scale(self._rows(A, name, idx[s:s + step])).to(out.device))
+        return out
 
 
 def reorder(K: torch.Tensor, C: int, n1: int, n2: int) -> torch.Tensor:
@@ -569,8 +601,6 @@ def capture_tile(f, params, names, x, start: int, stop: int, block: int, signatu
                  bar=None) -> list[Capture]:
     """Captures of examples ``start:stop`` in blocks of ``block``, each checked against ``signature`` (the captured
     operations of the first block): a block that captured different operations raises ``RuntimeError``."""
-    from theory.ntk import slice_batch
-
     caps = []
     for s in range(start, stop, block):
         e = min(stop, s + block)
@@ -586,28 +616,55 @@ def capture_tile(f, params, names, x, start: int, stop: int, block: int, signatu
     return caps
 
 
+def _by_example(v: torch.Tensor, C: int) -> torch.Tensor:
+    """(C*n,) ordered (c, i) -> (n*C,) ordered (i, c)."""
+    return v.reshape(C, -1).T.reshape(-1)
+
+
+def _by_output(v: torch.Tensor, C: int) -> torch.Tensor:
+    """(n*C,) ordered (i, c) -> (C*n,) ordered (c, i)."""
+    return v.reshape(-1, C).T.reshape(-1)
+
+
+def row_scales(f, params, names: Sequence[str], masks: Mapping[str, torch.Tensor], x, n: int, C: int,
+               signature: tuple | None) -> torch.Tensor:
+    """||g||_inf over the tensors ``names`` for each row (example, output) of the n examples x: (n*C,) float64,
+    rows ordered (i, c), from one capture of the block."""
+    caps = capture_tile(f, params, names, x, 0, n, n, signature)
+    fk = FactoredKernel(params, names, masks, C, chunk_bytes_default(params[names[0]].device.type == "cpu"))
+    return _by_example(fk.row_scale(caps), C)
+
+
 def run_factored(f, params, names: Sequence[str], masks: Mapping[str, torch.Tensor], x1, x2,
                  n1: int, n2: int, C: int, signs: Sequence[tuple[bool, bool]], dtype: torch.dtype, *, block: int,
-                 tile1: int, tile2: int, chunk_bytes: int, signature: tuple | None, bar=None):
+                 tile1: int, tile2: int, chunk_bytes: int, signature: tuple | None, bar=None,
+                 thresholds: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)):
     """The factored kernels (n1*C, n2*C) (rows (example, output)) over the covered tensors ``names``, one per entry
     of ``signs`` ((sign on the x1 side, sign on the x2 side)), from the same captures, with the outputs at x1 and
     x2. ``x2=None``: symmetric. Tiles of ``tile1`` / ``tile2`` examples bound the captures held at once (the tile
-    of the outer loop is kept, inner tiles are recaptured)."""
-    from theory.ntk import _accumulate
-
+    of the outer loop is kept, inner tiles are recaptured). ``thresholds``: (n1*C,) and (n2*C,) thresholds of the
+    sign rule per row (example, output), needed when a side is signed."""
     symmetric = x2 is None
     fk = FactoredKernel(params, names, masks, C, chunk_bytes)
     dev = params[names[0]].device
     Ks = [torch.zeros(n1 * C, n2 * C, dtype=dtype, device=dev) for _ in signs]
+    t1 = thresholds[0]
+    t2 = t1 if symmetric else thresholds[1]
 
     def cap(x, s, e):
         return capture_tile(f, params, names, x, s, e, block, signature, bar)
 
+    def thr(t, start, n):
+        return None if t is None else _by_output(t[start * C:(start + n) * C], C).to(dev)
+
     def put(A, B, r0, c0, same: bool, which=None):
+        # rows: examples r0.. of x1; columns: examples c0.. of x2 (of x1 when symmetric: then t2 is t1)
         which = range(len(signs)) if which is None else which
         nA, nB = sum(c.n for c in A), sum(c.n for c in B)
         tmps = {k: torch.zeros(C * nA, C * nB, dtype=dtype, device=dev) for k in which}
-        fk.block([(tmps[k], signs[k]) for k in which], A, None if same else B, _accumulate)
+        tA = thr(t1, r0, nA)
+        tB = None if same else thr(t2, c0, nB)
+        fk.block([(tmps[k], signs[k]) for k in which], A, None if same else B, (tA, tB))
         for k in which:
             Ks[k][r0 * C:(r0 + nA) * C, c0 * C:(c0 + nB) * C] = reorder(tmps[k], C, nA, nB)
 
