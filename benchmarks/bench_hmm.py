@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ftsim.io import write_json  # noqa: E402
+from ftsim.core.io import write_json  # noqa: E402
 from simulate.hmm import wei2021_hmm  # noqa: E402
 from simulate.inference import infer  # noqa: E402
 from simulate.sampling import sample  # noqa: E402
@@ -51,12 +51,12 @@ def best_of(fn, repeats: int) -> tuple[float, list[float]]:
 
 def corpus_child(tokens: int, out: str) -> None:
     """Runs in a fresh interpreter so its peak RSS is the writer's alone."""
-    from simulate.corpus import write_corpus
+    from simulate.corpus import CorpusSpec, write_corpus
 
     length = 128
     t0 = time.perf_counter()
-    write_corpus(out, "wei2021", {"num_states": M, "vocab_size": N_VOCAB}, num_sequences=tokens // length,
-                 length=length, seed=0, progress=False)
+    write_corpus(out, CorpusSpec("wei2021", {"num_states": M, "vocab_size": N_VOCAB}, num_sequences=tokens // length,
+                                 length=length, seed=0), progress=False)
     dt = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"seconds": dt, "peak_rss_mb": peak_kb / 1024}))

@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from ftsim.io import cache_root, write_json  # noqa: E402
+from ftsim.core.io import cache_root, write_json  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:

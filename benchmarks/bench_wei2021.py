@@ -66,8 +66,8 @@ def bench_leave_one_out() -> dict:
 
 
 def bench_runs(root: Path) -> dict:
-    from ftsim.cli import run_verifier
-    from ftsim.experiment import run_experiment
+    from ftsim.app.cli import run_verifier
+    from ftsim.core.experiment import run_experiment
     from simulate.wei2021.experiments import EXP1, EXP2
 
     os.environ["FTSIM_RESULTS"] = str(root)
@@ -103,7 +103,7 @@ def bench_runs(root: Path) -> dict:
 def main() -> None:
     import torch
 
-    from ftsim.io import write_json
+    from ftsim.core.io import write_json
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=None, help="keep the runs here (must not hold a cache yet)")

@@ -1,6 +1,6 @@
 """Figure: exactness of the synthetic world (sampler vs exact marginals; inference vs hmmlearn as T grows).
 
-Drawn from the tidy rows that :func:`ftsim.reproduce.hmm_check_rows` writes (``hmm_checks.jsonl``).
+Drawn from the tidy rows that :func:`ftsim.app.reproduce.hmm_check_rows` writes (``hmm_checks.jsonl``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from figures import style
-from ftsim.io import read_jsonl
+from ftsim.core.io import read_jsonl
 
 __all__ = ["draw", "redraw", "METHODS"]
 
@@ -121,7 +121,7 @@ def combine(run_dirs: Sequence[str | Path], stem: str | Path) -> list[Path]:
     (e.g. one per task). Rows are read from each run's ``results.jsonl``; nothing is recomputed. A later run
     replaces an earlier one's rows for the same task, model, k, method, seed and metric (e.g. kernels recomputed
     with another engine: ``--methods k-sgd,k-asigngd,k-noprompt``)."""
-    from ftsim.io import atomic_write_text
+    from ftsim.core.io import atomic_write_text
     from real_tasks.malladi import task_table_markdown
 
     rows = _latest([r for d in run_dirs for r in read_jsonl(Path(d) / "results.jsonl")])

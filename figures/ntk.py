@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from figures import style
-from ftsim.io import read_jsonl
+from ftsim.core.io import read_jsonl
 
 __all__ = ["draw", "redraw"]
 

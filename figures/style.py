@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ftsim.io import atomic_write_bytes  # noqa: E402
+from ftsim.core.io import atomic_write_bytes  # noqa: E402
 
 __all__ = ["COLUMN_WIDTH", "TEXT_WIDTH", "PALETTE", "MARKERS", "apply", "figure", "save", "color"]
 

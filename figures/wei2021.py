@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from figures import style
-from ftsim.io import read_json, read_jsonl
+from ftsim.core.io import read_json, read_jsonl
 
 __all__ = ["draw_exp1", "draw_exp2", "redraw"]
 

@@ -1,14 +1,13 @@
-"""ftsim — a fine-tuning theory simulator.
+"""ftsim -- a fine-tuning theory simulator.
 
-The distribution installs five packages, layered in one direction:
+Packages, layered in one direction (``pyproject.toml`` states the contract; ``tests/test_layers.py`` checks it):
 
-* ``theory``      model-agnostic math (kernels, solvers, bounds); imports none of the others.
-* ``ftsim.io``, ``ftsim.config``, ``ftsim.claims``  leaf utilities (atomic files, config dataclasses, claim
-  tables); import nothing from the project.
-* ``simulate``    the synthetic world (HMMs, exact inference, corpora, small LMs); uses ``theory``.
-* ``real_tasks``  real datasets, prompts and pretrained LMs; uses ``theory``.
+* ``ftsim.app``   the command line, registry, runner and main job; the only package that imports figures.
 * ``figures``     draws figures from tidy result tables.
-* ``ftsim.cli``   the command line on top; it only dispatches.
+* ``simulate``    the synthetic world (HMMs, exact inference, corpora, small LMs); ``real_tasks`` real data and
+  pretrained LMs. Neither imports the other.
+* ``theory``      model-agnostic math (kernels, solvers, fine-tuning methods, bounds).
+* ``ftsim.core``  io, config, claims, the experiment protocol, the unit cache; imports nothing of the project.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

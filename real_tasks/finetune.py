@@ -198,7 +198,7 @@ def finetune(module: nn.Module, train: EncodedSet, dev: EncodedSet | None, cfg: 
 
     The mini-batch order comes from a ``torch.Generator`` seeded with ``seed`` (same seed, same run on CPU).
     """
-    from tqdm.auto import tqdm
+    from ftsim.core.progress import bar as tqdm
 
     module.to(device)
     module.train()

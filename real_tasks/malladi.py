@@ -32,8 +32,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from ftsim.experiment import Experiment, RunContext
-from ftsim.io import atomic_write_text, save_npy, stable_hash, write_json, write_table
+from ftsim.core.experiment import Experiment, RunContext
+from ftsim.core.io import atomic_write_text, save_npy, stable_hash, write_json, write_table
 
 __all__ = ["MalladiConfig", "PRESETS", "EXPERIMENT", "run", "METHOD_ORDER", "comparison_rows", "comparison_markdown",
            "task_table_markdown"]
@@ -251,7 +251,7 @@ class _Run:
             return rec
         path = self.unit_dir / f"{unit}-{key}.json"
         if path.is_file():
-            from ftsim.io import read_json
+            from ftsim.core.io import read_json
 
             rec = read_json(path)
             self.ctx.store.put(unit, rec)
@@ -297,7 +297,7 @@ class _Run:
             # this run directory's kernel (same config): trusted even if the key scheme changed since
             return dict(rec)
         if not self.ctx.overwrite and all(p.is_file() for p in paths.values()) and (folder / f"{unit}-{key}.json").is_file():
-            from ftsim.io import read_json
+            from ftsim.core.io import read_json
 
             rec = read_json(folder / f"{unit}-{key}.json")
             self.ctx.store.put(unit, rec)

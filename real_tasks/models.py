@@ -279,7 +279,7 @@ def tiny_model(kind: Kind, words: Sequence[str], *, seed: int = 0, hidden: int =
                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=512,
                          pad_token_id=tok.pad_token_id)
         model = BertForMaskedLM(cfg) if kind == "masked" else BertModel(cfg, add_pooling_layer=False)
-    from ftsim.io import stable_hash
+    from ftsim.core.io import stable_hash
 
     return _finish(model, tok, kind, f"tiny-{kind}", f"random init, seed {seed}, {vocab_size} words", device,
                    f"tiny-{kind}:seed{seed}:h{hidden}:l{layers}:vocab{stable_hash(sorted(tok.get_vocab().items()))}")

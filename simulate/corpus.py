@@ -22,17 +22,17 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 import ftsim
-from ftsim.io import read_json, sha256_file, write_json
+from ftsim.core.io import read_json, sha256_file, write_json
 from simulate.hmm import HMM, HMMValidationError, MemoryHMM, make_preset
 from simulate.sampling import BLOCK_TOKENS, block_sequences, iter_sample_blocks, smallest_uint
 from simulate.tasks import PosteriorTask, linear_posterior_task, memory_linear_task, sparse_mu
 
-__all__ = ["CorpusError", "write_corpus", "load_corpus", "Corpus", "default_task", "FORMAT"]
+__all__ = ["CorpusError", "CorpusSpec", "write_corpus", "load_corpus", "Corpus", "default_task", "FORMAT"]
 
 FORMAT = "ftsim-corpus"
 FORMAT_VERSION = 1
@@ -126,37 +126,55 @@ def _check_dtype(vocab_size: int, dtype: Any) -> np.dtype:
     return dt
 
 
-def write_corpus(
-    out: str | os.PathLike,
-    preset: str,
-    params: dict[str, Any],
-    *,
-    num_sequences: int,
-    length: int,
-    seed: int,
-    hmm_seed: int | None = None,
-    states: bool = False,
-    labels: bool = False,
-    text: bool = False,
-    task_support: int = 6,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    dtype: Any = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Generate a corpus from a preset and write it to ``out``; return the manifest.
+@dataclasses.dataclass(frozen=True)
+class CorpusSpec:
+    """What a corpus is: the HMM preset and its parameters, the size, the seeds, and which files to write.
 
-    Args:
-        out: target directory; must be empty or absent unless ``overwrite``.
+    Attributes:
         preset: ``wei2021``, ``memory`` or ``random`` (see :mod:`simulate.hmm`).
         params: the preset's keyword parameters (num_states, vocab_size, temperatures, ...).
         num_sequences, length: N sequences of T tokens.
         seed: sampling seed; ``hmm_seed`` (default: ``seed``) draws the HMM parameters.
         states, labels, text: also write hidden states, downstream labels (:func:`default_task`), text.
+        task_support: non-zeros of the task's mu (labels only).
         shard_tokens: tokens per shard (rounded to whole blocks of sequences).
         dtype: token dtype; default the smallest unsigned dtype that holds the vocabulary.
     """
-    from tqdm.auto import tqdm
+
+    preset: str
+    params: Mapping[str, Any]
+    num_sequences: int
+    length: int
+    seed: int = 0
+    hmm_seed: int | None = None
+    states: bool = False
+    labels: bool = False
+    text: bool = False
+    task_support: int = 6
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    dtype: Any = None
+
+    @property
+    def model_seed(self) -> int:
+        return self.seed if self.hmm_seed is None else self.hmm_seed
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON form (cache keys, manifests)."""
+        d = dataclasses.asdict(self)
+        d["params"] = dict(sorted(dict(self.params).items()))
+        d["dtype"] = None if self.dtype is None else np.dtype(self.dtype).str
+        return d
+
+
+def write_corpus(out: str | os.PathLike, spec: CorpusSpec, *, overwrite: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Generate the corpus ``spec`` and write it to ``out`` (must be empty or absent unless ``overwrite``);
+    return the manifest."""
+    preset, params = spec.preset, dict(spec.params)
+    num_sequences, length, seed = spec.num_sequences, spec.length, spec.seed
+    hmm_seed, states, labels, text = spec.hmm_seed, spec.states, spec.labels, spec.text
+    task_support, shard_tokens, dtype = spec.task_support, spec.shard_tokens, spec.dtype
+    from ftsim.core.progress import bar as tqdm
 
     out = Path(out)
     if out.exists() and not out.is_dir():

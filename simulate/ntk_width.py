@@ -32,9 +32,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ftsim.claims import Claim
-from ftsim.experiment import Experiment, RunContext
-from ftsim.io import write_table
+from ftsim.core.claims import Claim
+from ftsim.core.experiment import Experiment, RunContext
+from ftsim.core.io import write_table
 from theory.linearize import kernel_distance, linearize, train
 from theory.ntk import empirical_ntk
 from theory.oracles import explicit_jacobian, reference_kernel
@@ -263,7 +263,7 @@ def run(config: NTKWidthConfig, ctx: RunContext) -> dict:
     units = [(w, s) for w in config.widths for s in config.seeds]
     bar = None
     if ctx.progress:
-        from tqdm.auto import tqdm
+        from ftsim.core.progress import bar as tqdm
 
         bar = tqdm(total=len(units), desc="ntk-width", unit="net")
     rows, preds = [], []

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from ftsim.claims import Claim
+from ftsim.core.claims import Claim
 from simulate.hmm import HMM, MemoryHMM, memory_hmm, random_hmm, wei2021_hmm
 from simulate.inference import infer, memory_posterior, viterbi
 from simulate.oracles import (
@@ -195,12 +195,12 @@ def verify_hmm(quick: bool = True, seed: int = 0) -> list[Claim]:
         max(errs) <= 1e-12 and float(np.abs(mp.sum(1) - 1).max()) <= 1e-12, "enumeration over (M, S_1..T)"))
 
     # 6. Corpus round trip and tamper detection.
-    from simulate.corpus import CorpusError, load_corpus, write_corpus
+    from simulate.corpus import CorpusError, load_corpus, CorpusSpec, write_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "c"
-        write_corpus(out, "wei2021", {"num_states": 6, "vocab_size": 7}, num_sequences=3000, length=20,
-                     seed=seed, states=True, labels=True, shard_tokens=20_000, progress=False)
+        write_corpus(out, CorpusSpec("wei2021", {"num_states": 6, "vocab_size": 7}, num_sequences=3000, length=20,
+                                     seed=seed, states=True, labels=True, shard_tokens=20_000), progress=False)
         corpus = load_corpus(out)
         ref = sample(corpus.model, 3000, 20, seed)
         round_trip = np.array_equal(corpus.tokens(), ref.tokens) and np.array_equal(corpus.states(), ref.states)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-import ftsim.reproduce as reproduce_mod
-from ftsim.cli import main
-from ftsim.io import read_jsonl
+import ftsim.app.reproduce as reproduce_mod
+from ftsim.app.cli import main
+from ftsim.core.io import read_jsonl
 from simulate.corpus import load_corpus
 from simulate.sampling import sample
 

@@ -8,17 +8,18 @@ import json
 import numpy as np
 import pytest
 
-from simulate.corpus import CorpusError, default_task, load_corpus, write_corpus
+from simulate.corpus import CorpusError, default_task, load_corpus, CorpusSpec, write_corpus
 from simulate.hmm import wei2021_hmm
 from simulate.inference import infer
 from simulate.sampling import sample
 from simulate.tasks import prepend_mask
 
 
-def _write(path, **kw):
-    args = dict(num_sequences=500, length=12, seed=7, shard_tokens=12 * 120, progress=False)
+def _write(path, overwrite=False, **kw):
+    args = dict(num_sequences=500, length=12, seed=7, shard_tokens=12 * 120)
     args.update(kw)
-    return write_corpus(path, "wei2021", {"num_states": 5, "vocab_size": 9}, **args)
+    return write_corpus(path, CorpusSpec("wei2021", {"num_states": 5, "vocab_size": 9}, **args), overwrite=overwrite,
+                        progress=False)
 
 
 def test_round_trip_equals_sample_and_manifest_is_complete(tmp_path):
@@ -142,14 +143,14 @@ def test_refuses_non_empty_directory_and_overwrite_replaces(tmp_path):
 
 def test_vocabulary_too_large_for_dtype(tmp_path):
     with pytest.raises(CorpusError, match=r"vocab_size 300 does not fit in dtype uint8 \(max token id 255\); use uint16"):
-        write_corpus(tmp_path / "c", "random", {"num_states": 3, "vocab_size": 300}, num_sequences=2, length=3,
-                     seed=0, dtype="uint8", progress=False)
-    m = write_corpus(tmp_path / "d", "random", {"num_states": 3, "vocab_size": 300}, num_sequences=2, length=3,
-                     seed=0, progress=False)
+        write_corpus(tmp_path / "c", CorpusSpec("random", {"num_states": 3, "vocab_size": 300}, num_sequences=2, length=3,
+                     seed=0, dtype="uint8"), progress=False)
+    m = write_corpus(tmp_path / "d", CorpusSpec("random", {"num_states": 3, "vocab_size": 300}, num_sequences=2, length=3,
+                     seed=0), progress=False)
     assert m["dtype"] == "uint16"
     with pytest.raises(CorpusError, match="not an unsigned integer type"):
-        write_corpus(tmp_path / "e", "random", {"num_states": 3, "vocab_size": 3}, num_sequences=2, length=3,
-                     seed=0, dtype="int8", progress=False)
+        write_corpus(tmp_path / "e", CorpusSpec("random", {"num_states": 3, "vocab_size": 3}, num_sequences=2, length=3,
+                     seed=0, dtype="int8"), progress=False)
 
 
 def test_failed_write_leaves_no_manifest_and_no_temp_files(tmp_path, monkeypatch):
@@ -176,8 +177,9 @@ def test_failed_write_leaves_no_manifest_and_no_temp_files(tmp_path, monkeypatch
 
 
 def test_memory_preset_corpus(tmp_path):
-    m = write_corpus(tmp_path / "m", "memory", {"num_memory": 3, "num_syntax": 2, "vocab_size": 6},
-                     num_sequences=200, length=8, seed=1, states=True, labels=True, progress=False)
+    m = write_corpus(tmp_path / "m", CorpusSpec("memory", {"num_memory": 3, "num_syntax": 2, "vocab_size": 6},
+                                                num_sequences=200, length=8, seed=1, states=True, labels=True),
+                     progress=False)
     corpus = load_corpus(tmp_path / "m")
     assert m["model"]["kind"] == "MemoryHMM" and m["num_states"] == 6
     memory, _ = corpus.model.split_state(corpus.states().astype(int))

@@ -10,8 +10,8 @@ from typing import Literal, Optional
 import numpy as np
 import pytest
 
-from ftsim.config import add_config_arguments, config_from_args, config_from_dict, config_hash, parse_value
-from ftsim.io import (
+from ftsim.core.config import add_config_arguments, config_from_args, config_from_dict, config_hash, parse_value
+from ftsim.core.io import (
     ResultStore,
     atomic_open,
     read_json,

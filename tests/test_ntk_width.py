@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from ftsim.cli import main
-from ftsim.io import read_json, read_jsonl
+from ftsim.app.cli import main
+from ftsim.core.io import read_json, read_jsonl
 from simulate.ntk_width import PRESETS, NTKWidthConfig, init_mlp, make_data, mlp, slope
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ftsim.cli import main
-from ftsim.io import read_jsonl
+from ftsim.app.cli import main
+from ftsim.core.io import read_jsonl
 from real_tasks.malladi import METHOD_ORDER, MalladiConfig, comparison_markdown, comparison_rows, task_table_markdown
 from tests.conftest import require
 

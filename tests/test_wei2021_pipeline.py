@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ftsim.io import read_json, read_jsonl
+from ftsim.core.io import read_json, read_jsonl
 from simulate.wei2021.models import SmallTransformer, TransformerConfig, leave_one_out_probs, mask_logits
 from simulate.wei2021.oracles import downstream_data, wei2021_task
 from simulate.wei2021.pretrain import HMMSpec, PretrainConfig, pretrain
@@ -143,7 +143,7 @@ def test_attention_head_finds_the_informative_position():
 
 
 def _ftsim(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ftsim.cli", *args], capture_output=True, text=True, check=False)
+    return subprocess.run([sys.executable, "-m", "ftsim.app.cli", *args], capture_output=True, text=True, check=False)
 
 
 TINY_FLAGS = ["--pretrain-steps", "20", "--eval-every", "10", "--batch-size", "16", "--corpus-sequences", "320",

@@ -671,7 +671,7 @@ def _per_example(call: _Call, kernel: str, fallback: str, row_scales) -> NTKResu
         plan = dataclasses.replace(plan, requested=call.implementation, reason=f"{plan.reason}; factored: {fallback}")
     bar = None
     if call.progress:
-        from tqdm.auto import tqdm
+        from ftsim.core.progress import bar as tqdm
 
         bar = tqdm(total=_num_blocks(plan), desc=f"eNTK ({plan.implementation})", unit="block")
         bar.write(plan.describe())
@@ -872,7 +872,7 @@ def _try_factored(call: _Call, kernels: tuple[str, ...]) -> dict[str, NTKResult]
     thresholds = tuple(None if sc is None else SIGN_RTOL * sc for sc in scales)
     bar = None
     if call.progress:
-        from tqdm.auto import tqdm
+        from ftsim.core.progress import bar as tqdm
 
         tiles = layout.tiles
         n_caps = (math.ceil(s.n1 / b) * (tiles + 1) // 2 * max(1, tiles) if call.symmetric

@@ -22,8 +22,8 @@ from collections import OrderedDict
 from typing import Any, Literal
 
 
-from ftsim.experiment import Experiment, RunContext
-from ftsim.io import write_table
+from ftsim.core.experiment import Experiment, RunContext
+from ftsim.core.io import write_table
 
 __all__ = ["Exp1Config", "Exp2Config", "EXP1", "EXP2", "PAPER_EXP1", "PAPER_EXP2"]
 
@@ -244,7 +244,7 @@ def _mean_table(rows: list[dict], x: str, group: tuple[str, ...]) -> list[dict]:
 
 def run_exp1(cfg: Exp1Config, ctx: RunContext) -> dict:
     """Run experiment 1 (see the module docstring); returns the summary with a headline."""
-    from tqdm.auto import tqdm
+    from ftsim.core.progress import bar as tqdm
 
     from simulate.wei2021.oracles import downstream_data, exact_exp1_oracles, wei2021_task
     from simulate.wei2021.pretrain import HMMSpec
@@ -350,7 +350,7 @@ def _summary1(means: list[dict], figs: list, seconds: float) -> dict:
 
 def run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
     """Run experiment 2 (see the module docstring); returns the summary with a headline."""
-    from tqdm.auto import tqdm
+    from ftsim.core.progress import bar as tqdm
 
     from simulate.wei2021.oracles import (
         downstream_data,

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftsim.io import read_json, stable_hash, write_json
-from simulate.corpus import CorpusError, load_corpus, write_corpus
+from ftsim.core.io import read_json, stable_hash, write_json
+from simulate.corpus import CorpusError, CorpusSpec, load_corpus, write_corpus
 from simulate.hmm import HMM, MemoryHMM, make_preset
 from simulate.inference import infer
 from simulate.sampling import sample
@@ -151,8 +151,8 @@ def _corpus(spec: HMMSpec, length: int, num: int, seed: int, cache: Path, progre
             return load_corpus(out).tokens()
         except CorpusError:
             pass  # unfinished or corrupt: regenerate
-    write_corpus(out, spec.preset, dict(spec.params), num_sequences=num, length=length, seed=seed,
-                 hmm_seed=spec.seed, overwrite=True, progress=progress)
+    write_corpus(out, CorpusSpec(spec.preset, dict(spec.params), num_sequences=num, length=length, seed=seed,
+                                 hmm_seed=spec.seed), overwrite=True, progress=progress)
     return load_corpus(out).tokens()
 
 
@@ -277,7 +277,7 @@ def pretrain(
     perm = torch.randperm(len(corpus), generator=gen)
     cursor = 0
     running: float | None = None  # smoothed training loss (None before the first step)
-    from tqdm.auto import tqdm
+    from ftsim.core.progress import bar as tqdm
 
     bar = tqdm(range(cfg.steps), desc=f"pretrain {'causal' if cfg.causal else 'MLM'} {spec.preset} "
                f"{dict(spec.params)}", disable=not progress, leave=False, mininterval=1.0)

@@ -140,7 +140,7 @@ def prompt_tuning(model: SmallTransformer, train, val, test, cfg: TuningConfig, 
 
     best = (acc("val"), 0, prompt.detach().clone(), w.detach().clone(), b.detach().clone())
     N = len(X["train"])
-    from tqdm.auto import tqdm
+    from ftsim.core.progress import bar as tqdm
 
     for step in tqdm(range(1, cfg.prompt_steps + 1), desc="prompt tuning", disable=not progress, leave=False):
         idx = torch.randint(0, N, (min(cfg.prompt_batch, N),), generator=gen).to(device)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from ftsim.claims import Claim
+from ftsim.core.claims import Claim
 from simulate.hmm import HMM, MemoryHMM, random_hmm
 from simulate.inference import MASK, infer
 from simulate.sampling import sample
@@ -232,7 +232,7 @@ def verify(quick: bool = True, seed: int = 0) -> list[Claim]:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from ftsim.claims import format_claims
+    from ftsim.core.claims import format_claims
 
     t0 = time.perf_counter()
     print(format_claims(verify()))

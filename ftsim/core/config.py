@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
-from ftsim.io import stable_hash, to_jsonable
+from ftsim.core.io import stable_hash, to_jsonable
 
 __all__ = ["add_config_arguments", "config_from_args", "config_hash", "config_from_dict", "parse_value"]
 

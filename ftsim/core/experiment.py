@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import ftsim
-from ftsim.config import config_hash
-from ftsim.io import ResultStore, cache_root, read_json, results_root, to_jsonable, write_json
+from ftsim.core.config import config_hash
+from ftsim.core.io import ResultStore, cache_root, read_json, results_root, to_jsonable, write_json
 
 __all__ = ["Experiment", "RunContext", "resolve_device", "run_experiment", "run_dir_for"]
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftsim.claims import Claim, claims_markdown
-from ftsim.io import atomic_write_text, read_json, read_jsonl, results_root, stable_hash, write_table
-from ftsim.registry import EXPERIMENTS, FIGURES, load
+from ftsim.core.claims import Claim, claims_markdown
+from ftsim.core.io import atomic_write_text, read_json, read_jsonl, results_root, stable_hash, write_table
+from ftsim.app.registry import EXPERIMENTS, FIGURES, load
 
 __all__ = ["reproduce", "redraw_all", "hmm_check_rows", "CORPORA", "STEPS"]
 
@@ -69,7 +69,7 @@ def hmm_check_rows(seed: int = 0, quick: bool = True) -> list[dict]:
 
 
 def _generate_corpora(preset: str, cache: Path, overwrite: bool) -> list[dict]:
-    from simulate.corpus import load_corpus, write_corpus
+    from simulate.corpus import CorpusSpec, load_corpus, write_corpus
 
     rows = []
     for name, hmm_preset, params, n, T in CORPORA[preset]:
@@ -84,8 +84,8 @@ def _generate_corpora(preset: str, cache: Path, overwrite: bool) -> list[dict]:
             except ValueError:
                 pass  # corrupt or unfinished: regenerate below
         if not reused:
-            write_corpus(out, hmm_preset, params, num_sequences=n, length=T, seed=0, states=True, labels=True,
-                         overwrite=True)
+            write_corpus(out, CorpusSpec(hmm_preset, params, num_sequences=n, length=T, seed=0, states=True,
+                                         labels=True), overwrite=True)
         rows.append({"corpus": name, "path": str(out), "tokens": n * T, "reused": reused,
                      "seconds": round(time.perf_counter() - t0, 2)})
     return rows
@@ -94,8 +94,8 @@ def _generate_corpora(preset: str, cache: Path, overwrite: bool) -> list[dict]:
 def reproduce(preset: str = "quick", root: Path | None = None, overwrite: bool = False,
               device: str = "auto") -> bool:
     """Run the main job; return True when every claim holds and every experiment finished."""
-    from ftsim.cli import run_verifier
-    from ftsim.experiment import run_experiment
+    from ftsim.app.cli import run_verifier
+    from ftsim.core.experiment import run_experiment
     from figures import hmm as hmm_figure
 
     root = Path(root) if root is not None else results_root()

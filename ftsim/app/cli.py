@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 
 from ftsim import __version__
-from ftsim.registry import EXPERIMENTS, VERIFIERS, load
+from ftsim.app.registry import EXPERIMENTS, VERIFIERS, load
 
 # Preset parameters exposed by ``ftsim generate``, with their types (seed is handled separately).
 _PRESET_FUNCS = {"wei2021": "wei2021_hmm", "memory": "memory_hmm", "random": "random_hmm"}
@@ -89,8 +89,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from ftsim.config import parse_value
-    from simulate.corpus import write_corpus
+    from ftsim.core.config import parse_value
+    from simulate.corpus import CorpusSpec, write_corpus
 
     allowed = _preset_params()[args.preset]
     params = {}
@@ -102,12 +102,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} does not apply to preset {args.preset!r}")
         params[name] = parse_value(allowed[name][0], value, "--" + name.replace("_", "-"))
     full = {name: params.get(name, default) for name, (_, default) in allowed.items()}
-    manifest = write_corpus(
-        args.out, args.preset, full, num_sequences=args.sequences, length=args.length, seed=args.seed,
-        hmm_seed=args.hmm_seed, states=args.states, labels=args.labels, text=args.text,
-        task_support=args.task_support, shard_tokens=args.shard_tokens, dtype=args.dtype,
-        overwrite=args.overwrite, progress=not args.no_progress,
-    )
+    spec = CorpusSpec(args.preset, full, num_sequences=args.sequences, length=args.length, seed=args.seed,
+                      hmm_seed=args.hmm_seed, states=args.states, labels=args.labels, text=args.text,
+                      task_support=args.task_support, shard_tokens=args.shard_tokens, dtype=args.dtype)
+    manifest = write_corpus(args.out, spec, overwrite=args.overwrite, progress=not args.no_progress)
     total = manifest["num_sequences"] * manifest["length"]
     print(f"wrote {total:,} tokens ({manifest['dtype']}) in {len(manifest['shards'])} shard(s) to {args.out}")
     return 0
@@ -126,8 +124,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 def run_verifier(name: str, quick: bool = True, seed: int = 0, out: Path | None = None):
     """Run a registered verifier, write its claims table (JSONL, CSV, Markdown) and return the claims."""
-    from ftsim.claims import claims_markdown
-    from ftsim.io import atomic_write_text, results_root, write_table
+    from ftsim.core.claims import claims_markdown
+    from ftsim.core.io import atomic_write_text, results_root, write_table
 
     claims = load(VERIFIERS[name][0])(quick=quick, seed=seed)
     out = out or results_root() / "verify" / name
@@ -137,7 +135,7 @@ def run_verifier(name: str, quick: bool = True, seed: int = 0, out: Path | None 
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ftsim.claims import claims_passed, format_claims
+    from ftsim.core.claims import claims_passed, format_claims
 
     claims = run_verifier(args.name, quick=not args.full, seed=args.seed, out=args.out)
     print(format_claims(claims))
@@ -159,8 +157,8 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace, rest: list[str], parser: argparse.ArgumentParser) -> int:
-    from ftsim.config import add_config_arguments, config_from_args
-    from ftsim.experiment import run_experiment
+    from ftsim.core.config import add_config_arguments, config_from_args
+    from ftsim.core.experiment import run_experiment
 
     if args.name is None:
         parser.run_parser.print_help()  # type: ignore[attr-defined]
@@ -200,7 +198,7 @@ def _add_figures(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
-    from ftsim.reproduce import redraw_all
+    from ftsim.app.reproduce import redraw_all
 
     drawn = redraw_all(args.results)
     for path in drawn:
@@ -221,7 +219,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from ftsim.reproduce import reproduce
+    from ftsim.app.reproduce import reproduce
 
     ok = reproduce(args.preset, root=args.out, overwrite=args.overwrite, device=args.device)
     return 0 if ok else 1

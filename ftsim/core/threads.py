@@ -1,0 +1,37 @@
+"""One home for thread-pool control: torch's intra-op threads and the BLAS / OpenMP pools behind numpy.
+
+Small matrix products in a loop (forward-backward's (B, m) x (m, m) per time step, tiny models in tests) gain
+nothing from a second thread and, on a shared machine where another process holds a core, a spinning BLAS worker
+makes them many times slower. :func:`limit_threads` fixes both pools for a block of code and restores them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+__all__ = ["limit_threads"]
+
+
+@contextlib.contextmanager
+def limit_threads(n: int = 1, *, torch_threads: bool = True, blas: bool = True) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (if torch is imported) and ``n`` BLAS/OpenMP threads
+    (threadpoolctl); restore the previous settings afterwards."""
+    if n < 1:
+        raise ValueError(f"limit_threads: n must be >= 1, got {n}")
+    torch = sys.modules.get("torch") if torch_threads else None
+    before = torch.get_num_threads() if torch is not None else None
+    stack = contextlib.ExitStack()
+    try:
+        if blas:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(limits=n))
+        if torch is not None:
+            torch.set_num_threads(n)
+        yield
+    finally:
+        if torch is not None and before is not None:
+            torch.set_num_threads(before)
+        stack.close()
