@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from real_tasks.data import Example, KShotSplit
-from real_tasks.finetune import EncodedSet, functional_outputs
+from real_tasks.classify import EncodedSet, functional_outputs
 
-__all__ = ["KernelUnion", "kernel_union", "compute_kernel", "solve_seed", "kernel_distance_metrics",
-           "KERNEL_METHODS"]
+__all__ = ["KernelUnion", "kernel_union", "compute_kernel", "solve_seed", "KERNEL_METHODS"]
 
 KERNEL_METHODS = ("K-SGD", "K-SGD (logistic)", "K-A-SignGD")
 
@@ -170,18 +169,3 @@ def solve_seed(k_sgd: np.ndarray | None, k_asym: np.ndarray | None, outputs: np.
         A, Ax = k_asym[np.ix_(tr, tr)], k_asym[np.ix_(te, tr)]
         out["K-A-SignGD"] = asymmetric_lssvm(Ax, A, y, gamma=gamma, f0_train=f0_tr, f0_test=f0_te).numpy()
     return out
-
-
-def kernel_distance_metrics(k0: np.ndarray, k1: np.ndarray) -> dict[str, float]:
-    """How far the eNTK moved during fine-tuning, on the same inputs.
-
-    * ``kernel_rel_change`` = ||K_1 - K_0||_F / ||K_0||_F (:func:`theory.linearize.kernel_distance`);
-    * ``kernel_distance`` = 1 - <K_0, K_1>_F / (||K_0||_F ||K_1||_F), the scale-free kernel distance of Fort et al.
-      (2020) that Malladi et al. (2023, Sec. 6) use.
-    """
-    from theory.linearize import kernel_distance
-
-    a, b = np.asarray(k0, np.float64), np.asarray(k1, np.float64)
-    cos = float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
-    return {"kernel_rel_change": float(kernel_distance(torch.from_numpy(a), torch.from_numpy(b))),
-            "kernel_distance": 1.0 - cos}

@@ -3,7 +3,7 @@
 For one task, one model, k examples per class and several data seeds, the run measures test accuracy of
 
 * **zero-shot** prompting (label-word scores at theta_0);
-* **FT-SGD** / **FT-Adam**: prompt-based fine-tuning of all parameters (:mod:`real_tasks.finetune`);
+* **FT-SGD** / **FT-Adam**: prompt-based fine-tuning of all parameters (:func:`theory.finetune.finetune`);
 * **K-SGD**: the SGD eNTK solution -- kernel regression with the f_0 correction (and kernel logistic regression,
   reported as ``K-SGD (logistic)``); **K-A-SignGD**: the asymmetric LS-SVM on the A-SignGD kernel, Adam's kernel
   analogue (:mod:`real_tasks.entk`, engine :mod:`theory.ntk`);
@@ -14,11 +14,12 @@ plus the kernel-behaviour diagnostics of the fine-tuned models: accuracy of the 
 f(theta_0) + <grad f(theta_0), theta_FT - theta_0> against fine-tuning (share of the fine-tuning gain it
 recovers), and the movement of the eNTK between theta_0 and theta_FT on (part of) the training set.
 
-Work is split into resumable units (zero-shot; one per kernel; one per seed and fine-tuning method, diagnostics
-included); kernels over the union of the test subset and all seeds' training sets are cached under
-``<cache>/malladi/`` keyed by a hash of everything that produced them. Tables: ``results.jsonl/csv`` (tidy:
-task, model, k, seed, method, metric, value), ``comparison.csv/md`` (mean and std over seeds), ``splits.json``
-(the k-shot indices), and the figure ``malladi.pdf/png``.
+Every fine-tuning method is a :class:`theory.finetune.Method` value run by :func:`theory.finetune.finetune`. Work is
+split into units of the shared cache (zero-shot; the kernels over the union of the test subset and all seeds'
+training sets, arrays checked by SHA-256 when read; one unit per seed and fine-tuning method, diagnostics
+included), keyed by everything that produced them: a killed run resumes and runs share units. Tables:
+``results.jsonl/csv`` (tidy: task, model, k, seed, method, metric, value), ``comparison.csv/md`` (mean and
+sample std over seeds), ``splits.json`` (the k-shot indices); the runner draws ``malladi.pdf/png`` from them.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from ftsim.core.errors import InputError
 from ftsim.core.experiment import Experiment, RunContext
-from ftsim.core.io import atomic_write_text, save_npy, stable_hash, write_json, write_table
+from ftsim.core.io import atomic_write_text, stable_hash, write_json, write_table
+from ftsim.core.tables import aggregate, mean_std, markdown_table
 
-__all__ = ["MalladiConfig", "PRESETS", "EXPERIMENT", "run", "METHOD_ORDER", "comparison_rows", "comparison_markdown",
-           "task_table_markdown"]
+__all__ = ["MalladiConfig", "PRESETS", "EXPERIMENT", "run", "METHOD_ORDER", "ALL_METHODS", "comparison_rows",
+           "comparison_markdown", "method_value", "UNIT_VERSIONS"]
 
 ALL_METHODS = ("zero-shot", "ft-sgd", "ft-adam", "ft-noprompt", "k-sgd", "k-asigngd", "k-noprompt")
 
@@ -98,13 +101,27 @@ class MalladiConfig:
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(ALL_METHODS)
         if unknown:
-            raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
-        if self.k < 1 or self.test_size < 1 or self.ft_steps < 1:
-            raise ValueError("k, test_size and ft_steps must be positive")
+            raise InputError(f"unknown {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}", field="methods")
+        for name in ("k", "test_size", "ft_steps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        for name in ("eval_every", "threads"):
+            if getattr(self, name) < 0:
+                raise InputError(f"must be >= 0, got {getattr(self, name)}", field=name)
         if not self.seeds:
-            raise ValueError("--seeds: at least one seed")
-        if not (self.batch_sizes and self.sgd_lrs and self.adam_lrs and self.noprompt_lrs):
-            raise ValueError("learning-rate and batch-size grids must not be empty")
+            raise InputError("at least one seed", field="seeds")
+        if any(s < 0 for s in self.seeds):
+            raise InputError(f"seeds must be >= 0, got {list(self.seeds)}", field="seeds")
+        for name in ("batch_sizes", "sgd_lrs", "adam_lrs", "noprompt_lrs"):
+            values = getattr(self, name)
+            if not values:
+                raise InputError("must not be empty", field=name)
+            if any(not v > 0 for v in values):
+                raise InputError(f"every value must be > 0, got {list(values)}", field=name)
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise InputError(f"must be > 0, got {self.memory_budget_gb}", field="memory_budget_gb")
+        if self.sketch_dim is not None and self.sketch_dim < 1:
+            raise InputError(f"must be >= 1, got {self.sketch_dim}", field="sketch_dim")
 
 
 PRESETS = {
@@ -125,6 +142,13 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Units of work. Versions: bump when a unit's computation changes (old units are then never read).
+# ---------------------------------------------------------------------------------------------------------------
+
+UNIT_VERSIONS = {"zero-shot": 1, "finetune": 1, "kernels": 1, "diag-kernel0": 1}
+
+_FT_NAMES = {"sgd": "FT-SGD", "adam": "FT-Adam", "noprompt": "FT (no prompt)"}
+
 
 def _timer():
     t0 = time.perf_counter()
@@ -145,521 +169,485 @@ def _balanced_prefix(labels: list[int], n: int | None) -> list[int]:
     return out
 
 
-class _Run:
-    """State of one run: data, model, encoders, and the units of work."""
+@dataclasses.dataclass
+class Task:
+    """A loaded task: data, k-shot splits, the kernel union, the model at theta_0, prompt and label words, and
+    what every unit's key depends on."""
 
-    def __init__(self, cfg: MalladiConfig, ctx: RunContext):
-        import torch
+    cfg: MalladiConfig
+    device: str
+    progress: bool
+    data: object
+    splits: dict
+    union: object
+    lm: object
+    prompt: object
+    label_tokens: object
+    theta0: dict
+    key_common: dict
+    load_seconds: float
+    encoded_sets: dict = dataclasses.field(default_factory=dict)
 
-        from real_tasks.data import kshot_split, load_task, texts
-        from real_tasks.entk import kernel_union
-        from real_tasks.models import load_model
-        from real_tasks.prompts import PROMPTS, get_prompt, label_token_ids, words_of
+    @property
+    def spec(self):
+        return self.data.spec
 
-        self.cfg, self.ctx = cfg, ctx
-        self.torch = torch
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        self.data = load_task(cfg.task, cfg.data_dir)
-        self.spec = self.data.spec
-        self.splits = {s: kshot_split(self.data, cfg.k, s, max_test=cfg.test_size) for s in cfg.seeds}
-        self.union = kernel_union(list(self.splits.values()))
-        write_json(ctx.out_dir / "splits.json", {
-            "data": self.data.describe(), "splits": [s.record() for s in self.splits.values()],
-            "kernel_union": self.union.record()})
-        vocab = None
-        if cfg.model.startswith("tiny-"):
-            pool = list(self.union.examples) + [e for s in self.splits.values() for e in s.dev]
-            vocab = " ".join(texts(pool)).split() + words_of(PROMPTS.values())
-        t = _timer()
-        self.lm = load_model(cfg.model, device=ctx.device, cache_dir=ctx.cache_dir, vocab=vocab)
-        self.load_seconds = t()
-        self.prompt = get_prompt(self.spec.name)
-        self.prompt_ok = self.lm.has_lm_head
-        self.label_tokens = label_token_ids(self.lm.tokenizer, self.prompt, self.lm.kind) if self.prompt_ok else None
-        if cfg.label_mode == "sum" and self.lm.kind != "causal":
-            raise ValueError(f"--label-mode sum needs a causal LM; {cfg.model} is {self.lm.kind}")
-        self.theta0 = {k: v.detach().to("cpu", copy=True) for k, v in self.lm.model.named_parameters()}
-        self._enc: dict = {}
-        self.skipped: list[str] = []
-        test_index = list(next(iter(self.splits.values())).test_index)
-        # What every cached unit depends on; units add their own settings (see _unit_key).
-        self.key_common = {
-            "model": self.lm.fingerprint, "task": self.spec.name, "k": cfg.k, "data_files": self.data.files,
-            "test_index": stable_hash(test_index), "label_mode": cfg.label_mode,
-            "prompt": dataclasses.asdict(self.prompt),
-        }
-        self.key_base = {**self.key_common, "union": stable_hash(self.union.record())}
-        self.unit_dir = Path(ctx.cache_dir) / "malladi" / "units"
+    @property
+    def prompt_ok(self) -> bool:
+        return self.lm.has_lm_head
 
-    # -- helpers --------------------------------------------------------------------------------------------
+    @property
+    def test_examples(self):
+        return next(iter(self.splits.values())).test
+
     def restore_theta0(self) -> None:
-        from real_tasks.finetune import restore
+        from theory.finetune import restore
 
         restore(self.lm.model, self.theta0)
 
     def classifier(self, use_prompt: bool):
-        from real_tasks.finetune import make_classifier
+        """A classifier of the model at theta_0 (prompt-based, or a linear head on the pooled representation)."""
+        from real_tasks.classify import make_classifier
 
+        self.restore_theta0()
         return make_classifier(self.lm, use_prompt=use_prompt, label_tokens=self.label_tokens,
                                label_mode=self.cfg.label_mode, num_classes=self.spec.num_labels,
-                               head_seed=self.cfg.head_seed).to(self.ctx.device)
+                               head_seed=self.cfg.head_seed).to(self.device)
 
     def encoded(self, name: str, examples, use_prompt: bool):
-        from real_tasks.finetune import encode_set
+        from real_tasks.classify import encode_set
 
         key = (name, use_prompt)
-        if key not in self._enc:
-            self._enc[key] = encode_set(self.lm, examples, prompt=self.prompt if use_prompt else None,
-                                        label_tokens=self.label_tokens, label_mode=self.cfg.label_mode,
-                                        max_length=self.prompt.max_length)
-        return self._enc[key]
+        if key not in self.encoded_sets:
+            self.encoded_sets[key] = encode_set(self.lm, examples, prompt=self.prompt if use_prompt else None,
+                                                label_tokens=self.label_tokens, label_mode=self.cfg.label_mode,
+                                                max_length=self.prompt.max_length)
+        return self.encoded_sets[key]
 
     def test_set(self, use_prompt: bool):
-        return self.encoded("test", next(iter(self.splits.values())).test, use_prompt)
+        return self.encoded("test", self.test_examples, use_prompt)
 
     def union_set(self, use_prompt: bool):
         return self.encoded("union", self.union.examples, use_prompt)
 
-    def ntk_options(self, union: bool = False) -> dict:
-        """Engine options of the diagnostics' kernels, or (``union``) of the union kernels."""
-        cfg = self.cfg
-        opts = {"implementation": cfg.ntk_implementation, "sketch_dim": cfg.sketch_dim, "seed": cfg.sketch_seed,
-                "memory_budget": None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * 2 ** 30),
-                "dtype": getattr(self.torch, cfg.ntk_dtype)}
-        if union and self.union_engine_differs:
-            opts.update(implementation=cfg.union_ntk_implementation, dtype=self.torch.float64,
-                        sketch_dim=cfg.sketch_dim if cfg.union_ntk_implementation in ("sketch", "auto") else None)
-        return opts
+    def inputs(self, **settings) -> dict:
+        """A unit's inputs: what every unit depends on, plus its own settings."""
+        return {**self.key_common, **settings}
 
-    @property
-    def union_engine_differs(self) -> bool:
-        u = self.cfg.union_ntk_implementation
-        return u is not None and u != self.cfg.ntk_implementation
 
-    # -- unit records: this run's store first, then the cross-run cache keyed by content ---------------------
-    def _unit_key(self, unit: str, settings: dict) -> str:
-        return stable_hash({"unit": unit, **self.key_common, **settings})
+def load_task(cfg: MalladiConfig, ctx: RunContext) -> Task:
+    """Data, k-shot splits (written to ``splits.json``), the kernel union and the model."""
+    import torch
 
-    def _lookup(self, unit: str, key: str) -> dict | None:
-        """A finished unit: from this run directory (same config), else from the cache of any earlier run whose
-        unit had the same inputs (results are cached per task, model, k, seed and method)."""
-        if self.ctx.overwrite:
-            return None
-        rec = self.ctx.store.get(unit)
-        if rec is not None and rec.get("unit_key") in (None, key):
-            return rec
-        path = self.unit_dir / f"{unit}-{key}.json"
-        if path.is_file():
-            from ftsim.core.io import read_json
+    from real_tasks.data import kshot_split, load_task as load_data, texts
+    from real_tasks.entk import kernel_union
+    from real_tasks.models import load_model
+    from real_tasks.prompts import PROMPTS, get_prompt, label_token_ids, words_of
 
-            rec = read_json(path)
-            self.ctx.store.put(unit, rec)
-            return rec
-        return None
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    data = load_data(cfg.task, cfg.data_dir)
+    splits = {s: kshot_split(data, cfg.k, s, max_test=cfg.test_size) for s in cfg.seeds}
+    union = kernel_union(list(splits.values()))
+    write_json(ctx.out_dir / "splits.json", {"data": data.describe(), "splits": [s.record() for s in splits.values()],
+                                             "kernel_union": union.record()})
+    vocab = None
+    if cfg.model.startswith("tiny-"):
+        pool = list(union.examples) + [e for s in splits.values() for e in s.dev]
+        vocab = " ".join(texts(pool)).split() + words_of(PROMPTS.values())
+    t = _timer()
+    lm = load_model(cfg.model, device=ctx.device, cache=ctx.cache, vocab=vocab)
+    load_seconds = t()
+    prompt = get_prompt(data.spec.name)
+    label_tokens = label_token_ids(lm.tokenizer, prompt, lm.kind) if lm.has_lm_head else None
+    if cfg.label_mode == "sum" and lm.kind != "causal":
+        raise InputError(f"sum needs a causal LM; {cfg.model} is {lm.kind}", field="label_mode")
+    theta0 = {k: v.detach().to("cpu", copy=True) for k, v in lm.model.named_parameters()}
+    test_index = list(next(iter(splits.values())).test_index)
+    key_common = {"model": lm.fingerprint, "task": data.spec.name, "k": cfg.k, "data_files": data.files,
+                  "test_index": stable_hash(test_index), "label_mode": cfg.label_mode,
+                  "prompt": dataclasses.asdict(prompt)}
+    return Task(cfg, ctx.device, ctx.progress, data, splits, union, lm, prompt, label_tokens, theta0, key_common,
+                load_seconds)
 
-    def _save(self, unit: str, key: str, rec: dict) -> None:
-        rec["unit_key"] = key
-        write_json(self.unit_dir / f"{unit}-{key}.json", rec)
-        self.ctx.store.put(unit, rec)
 
-    # -- units ----------------------------------------------------------------------------------------------
-    def zero_shot(self) -> dict:
-        from real_tasks.finetune import accuracy, evaluate
+def ntk_options(task: Task, union: bool = False) -> dict:
+    """Engine options of the diagnostics' kernels, or (``union``) of the union kernels."""
+    import torch
 
-        key = self._unit_key("zeroshot", {})
-        rec = self._lookup("zeroshot", key)
-        if rec is not None:
-            return rec
+    cfg = task.cfg
+    opts = {"implementation": cfg.ntk_implementation, "sketch_dim": cfg.sketch_dim, "seed": cfg.sketch_seed,
+            "memory_budget": None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * 2 ** 30),
+            "dtype": getattr(torch, cfg.ntk_dtype)}
+    if union and _union_engine_differs(cfg):
+        opts.update(implementation=cfg.union_ntk_implementation, dtype=torch.float64,
+                    sketch_dim=cfg.sketch_dim if cfg.union_ntk_implementation in ("sketch", "auto") else None)
+    return opts
+
+
+def _union_engine_differs(cfg: MalladiConfig) -> bool:
+    u = cfg.union_ntk_implementation
+    return u is not None and u != cfg.ntk_implementation
+
+
+def _ntk_key(opts: dict) -> dict:
+    return {k: str(v) for k, v in opts.items() if k != "memory_budget"}
+
+
+def method_value(cfg: MalladiConfig, method: str, lr: float, batch_size: int):
+    """The :class:`theory.finetune.Method` of one grid point: ``sgd`` / ``adam`` prompt-based fine-tuning of every
+    parameter, ``noprompt`` standard fine-tuning of the linear-head classifier; linear decay, clipping at
+    ``max_grad_norm``, validation every ``eval_every`` steps keeping the best checkpoint (LM-BFF)."""
+    from theory.finetune import Method, Optimizer
+
+    name = {"sgd": "sgd", "adam": "adam", "noprompt": cfg.noprompt_optimizer}[method]
+    return Method(name=f"{_FT_NAMES[method]} lr={lr:g} bs={batch_size}",
+                  optimizer=Optimizer(name, lr=lr, momentum=0.0, weight_decay=0.0, schedule="linear"),
+                  steps=cfg.ft_steps, batch_size=batch_size, eval_every=cfg.eval_every,
+                  max_grad_norm=cfg.max_grad_norm, loss="ce")
+
+
+def zero_shot(task: Task, ctx: RunContext) -> dict:
+    from theory.finetune import evaluate
+    from theory.metrics import accuracy
+
+    def compute(work):
         t = _timer()
-        self.restore_theta0()
-        test = self.test_set(True)
-        scores = evaluate(self.classifier(True), test, self.ctx.device)
-        rec = {"accuracy": accuracy(scores, test.labels), "scores": scores.tolist(), "seconds": t()}
-        self._save("zeroshot", key, rec)
-        return rec
+        test = task.test_set(True)
+        scores = evaluate(task.classifier(True), test, task.device)
+        return {"accuracy": accuracy(scores, test.labels), "scores": scores.tolist(), "seconds": t()}
 
-    def _kernel_paths(self, name: str) -> tuple[str, dict[str, Path], Path]:
-        use_prompt = name.startswith("prompt")
-        opts = self.ntk_options(union=True)
-        key = stable_hash({**self.key_base, "kernel": name, "head_seed": None if use_prompt else self.cfg.head_seed,
-                           "ntk": {k: str(v) for k, v in opts.items() if k != "memory_budget"}})
-        folder = Path(self.ctx.cache_dir) / "malladi"
-        paths = {part: folder / f"{self.spec.name.replace(' ', '_')}-{name}-{key}-{part}.npy"
-                 for part in ("kernel", "outputs")}
-        return key, paths, folder
+    return ctx.unit("malladi.zero-shot", UNIT_VERSIONS["zero-shot"], task.inputs(unit="zeroshot"), compute).result
 
-    def _cached_kernel(self, name: str) -> dict | None:
-        key, paths, folder = self._kernel_paths(name)
-        unit = f"kernel-{name}"
-        rec = None if self.ctx.overwrite else self.ctx.store.get(unit)
-        if rec is not None and all(Path(p).is_file() for p in rec.get("paths", {}).values()):
-            # this run directory's kernel (same config): trusted even if the key scheme changed since
-            return dict(rec)
-        if not self.ctx.overwrite and all(p.is_file() for p in paths.values()) and (folder / f"{unit}-{key}.json").is_file():
-            from ftsim.core.io import read_json
 
-            rec = read_json(folder / f"{unit}-{key}.json")
-            self.ctx.store.put(unit, rec)
-            return rec
-        return None
+def finetune_unit(task: Task, ctx: RunContext, method: str, seed: int, k0_inline: bool) -> dict:
+    """Fine-tune with the method's grid on one seed; keep the best on validation; diagnostics.
 
-    def kernel(self, name: str, also: tuple[str, ...] = ()) -> dict:
-        """``name``: prompt-sgd, prompt-asigngd or noprompt-sgd. Returns the record with arrays loaded.
+    The eNTK at theta_FT on a class-balanced part of the training set is stored with the unit; the same kernel
+    at theta_0 is computed here too when ``k0_inline`` (else it is read out of the union kernel later, which
+    uses the same algorithm, sketch dimension and hashes)."""
+    cfg = task.cfg
+    use_prompt = method != "noprompt"
+    optimizer = {"sgd": "sgd", "adam": "adam", "noprompt": cfg.noprompt_optimizer}[method]
+    lrs = {"sgd": cfg.sgd_lrs, "adam": cfg.adam_lrs, "noprompt": cfg.noprompt_lrs}[method]
+    settings = {"unit": f"ft-{method}-s{seed}", "seed": seed, "method": method, "optimizer": optimizer, "lrs": lrs,
+                "batch_sizes": cfg.batch_sizes, "steps": cfg.ft_steps, "eval_every": cfg.eval_every,
+                "max_grad_norm": cfg.max_grad_norm, "head_seed": None if use_prompt else cfg.head_seed}
+    if cfg.diagnostics and use_prompt:
+        settings["diagnostics"] = {"test": cfg.diag_test_size, "train": cfg.diag_train_size, "k0_inline": k0_inline,
+                                   "ntk": _ntk_key(ntk_options(task))}
+    return ctx.unit("malladi.finetune", UNIT_VERSIONS["finetune"], task.inputs(**settings),
+                    lambda work: _finetune(task, method, seed, k0_inline, use_prompt, optimizer, lrs)).result
 
-        Kernels in ``also`` of the same model function (prompt or not) that are not cached yet are computed in the
-        same engine call (one set of per-example gradients for all) and cached for their own call."""
-        from real_tasks.entk import compute_kernel
 
-        rec = self._cached_kernel(name)
-        if rec is None:
-            use_prompt = name.startswith("prompt")
-            names = [name] + [a for a in also if a != name and a.startswith("prompt") == use_prompt
-                              and self._cached_kernel(a) is None]
-            self.restore_theta0()
-            module = self.classifier(use_prompt)
-            res = compute_kernel(module, self.union_set(use_prompt), kernel=[n.split("-")[1] for n in names],
-                                 device=self.ctx.device, progress=self.ctx.progress, **self.ntk_options(union=True))
-            for nm in names:
-                r = res[nm.split("-")[1]]
-                key, paths, folder = self._kernel_paths(nm)
-                hashes = {part: save_npy(paths[part], r[part]) for part in paths}
-                rec_n = {"key": key, "paths": {k: str(v) for k, v in paths.items()}, "sha256": hashes,
-                         "plan": r["plan"], "plan_text": r["plan_text"], "seconds": r["seconds"],
-                         "num_outputs": r["num_outputs"], "size": len(self.union.examples),
-                         "computed_with": names}
-                if r["error_bound"] is not None:
-                    diag = np.sqrt(np.clip(np.diag(r["kernel"]), 0, None))
-                    rel = r["error_bound"] / np.maximum(np.abs(r["kernel"]), 1e-300)
-                    rec_n["sketch_std_bound_over_norms"] = float(np.max(r["error_bound"] / np.maximum(
-                        np.outer(diag, diag), 1e-300)))
-                    rec_n["sketch_std_bound_relative_median"] = float(np.median(rel))
-                write_json(folder / f"kernel-{nm}-{key}.json", rec_n)
-                self.ctx.store.put(f"kernel-{nm}", rec_n)
-                if nm == name:
-                    rec = dict(rec_n)
-        rec["kernel"] = np.load(rec["paths"]["kernel"], allow_pickle=False)
-        rec["outputs"] = np.load(rec["paths"]["outputs"], allow_pickle=False)
-        return rec
+def _finetune(task: Task, method: str, seed: int, k0_inline: bool, use_prompt: bool, optimizer: str, lrs) -> dict:
+    import torch
 
-    def diag_kernel0(self, seed: int, positions: list[int]) -> np.ndarray:
-        """The diagnostics' SGD kernel at theta_0 on the training positions of ``seed`` (cached per run)."""
-        from real_tasks.entk import compute_kernel
+    from real_tasks.entk import compute_kernel
+    from theory.finetune import evaluate, finetune, restore, snapshot
+    from theory.metrics import accuracy, kernel_distance, kernel_rel_change
 
-        unit = f"diag-kernel0-{seed}"
-        rec = None if self.ctx.overwrite else self.ctx.store.get(unit)
-        if rec is None or rec.get("positions") != list(positions):
-            self.restore_theta0()
-            split = self.splits[seed]
-            sub = self.encoded(f"diag-train-{seed}-{len(positions)}", [split.train[i] for i in positions], True)
-            k0 = compute_kernel(self.classifier(True), sub, kernel="sgd", device=self.ctx.device,
-                                progress=self.ctx.progress, **self.ntk_options())
-            rec = {"positions": list(positions), "kernel": k0["kernel"].tolist(), "seconds": k0["seconds"]}
-            self.ctx.store.put(unit, rec)
-        return np.asarray(rec["kernel"], float)
-
-    def finetune_unit(self, method: str, seed: int, k0_inline: bool) -> dict:
-        """Fine-tune with the method's grid on one seed; keep the best on validation; diagnostics.
-
-        The eNTK at theta_FT on a class-balanced part of the training set is stored with the unit; the same kernel
-        at theta_0 is computed here too when ``k0_inline`` (else it is read out of the union kernel later, which
-        uses the same algorithm, sketch dimension and hashes)."""
-        import torch
-
-        from real_tasks.entk import compute_kernel, kernel_distance_metrics
-        from real_tasks.finetune import FTConfig, accuracy, evaluate, finetune, linearized_scores, restore, snapshot
-
-        unit = f"ft-{method}-s{seed}"
-        cfg = self.cfg
-        use_prompt = method != "noprompt"
-        optimizer = {"sgd": "sgd", "adam": "adam", "noprompt": cfg.noprompt_optimizer}[method]
-        lrs = {"sgd": cfg.sgd_lrs, "adam": cfg.adam_lrs, "noprompt": cfg.noprompt_lrs}[method]
-        settings = {"seed": seed, "method": method, "optimizer": optimizer, "lrs": lrs, "batch_sizes": cfg.batch_sizes,
-                    "steps": cfg.ft_steps, "eval_every": cfg.eval_every, "max_grad_norm": cfg.max_grad_norm,
-                    "head_seed": None if use_prompt else cfg.head_seed}
-        if cfg.diagnostics and use_prompt:
-            settings["diagnostics"] = {"test": cfg.diag_test_size, "train": cfg.diag_train_size, "k0_inline": k0_inline,
-                                       "ntk": {k: str(v) for k, v in self.ntk_options().items() if k != "memory_budget"}}
-        key = self._unit_key(unit, settings)
-        rec = self._lookup(unit, key)
-        if rec is not None:
-            return rec
-        split = self.splits[seed]
-        train = self.encoded(f"train-{seed}", split.train, use_prompt)
-        dev = self.encoded(f"dev-{seed}", split.dev, use_prompt)
-        test = self.test_set(use_prompt)
-        t_all = _timer()
-        grid, best = [], None
-        for bs in cfg.batch_sizes:
-            for lr in lrs:
-                t = _timer()
-                self.restore_theta0()
-                module = self.classifier(use_prompt)
-                ft = FTConfig(optimizer, lr, cfg.ft_steps, bs, cfg.eval_every, max_grad_norm=cfg.max_grad_norm)
-                try:
-                    res = finetune(module, train, dev, ft, seed=seed, device=self.ctx.device,
-                                   progress=self.ctx.progress, desc=f"{method} s{seed} lr={lr:g} bs={bs}")
-                except FloatingPointError as exc:  # a diverging grid point is a result, not a crash
-                    grid.append({"lr": lr, "batch_size": bs, "dev_acc": float("nan"), "error": str(exc),
-                                 "seconds": t()})
-                    continue
-                entry = {"lr": lr, "batch_size": bs, "dev_acc": res.best_dev_acc, "best_step": res.best_step,
-                         "final_train_loss": res.final_train_loss, "seconds": t(),
-                         "history": [h for h in res.history if "dev_acc" in h]}
-                grid.append(entry)
-                if best is None or res.best_dev_acc > best[0]["dev_acc"]:
-                    state = snapshot(module) if len(cfg.batch_sizes) * len(lrs) > 1 else None
-                    best = (entry, module, state)
-        if best is None:
-            rec = {"method": method, "seed": seed, "grid": grid, "accuracy": float("nan"), "seconds": t_all(),
-                   "error": "every grid point diverged"}
-            self._save(unit, key, rec)
-            return rec
-        entry, module, state = best
-        if state is not None:
-            restore(module, state)
-        scores = evaluate(module, test, self.ctx.device)
-        rec = {"method": method, "seed": seed, "optimizer": optimizer, "grid": grid, "selected": {
-            "lr": entry["lr"], "batch_size": entry["batch_size"], "best_step": entry["best_step"]},
-            "dev_acc": entry["dev_acc"], "accuracy": accuracy(scores, test.labels), "scores": scores.tolist(),
-            "ft_seconds": t_all()}
-        if cfg.diagnostics and use_prompt:
+    cfg = task.cfg
+    split = task.splits[seed]
+    train = task.encoded(f"train-{seed}", split.train, use_prompt)
+    dev = task.encoded(f"dev-{seed}", split.dev, use_prompt)
+    test = task.test_set(use_prompt)
+    t_all = _timer()
+    grid, best = [], None
+    for bs in cfg.batch_sizes:
+        for lr in lrs:
             t = _timer()
-            theta_ft = {k: v for k, v in snapshot(module).items()}
-            theta0 = {"lm." + k: v for k, v in self.theta0.items()}
-            n_diag = len(test) if cfg.diag_test_size is None else min(cfg.diag_test_size, len(test))
-            rows = list(range(n_diag))
-            diag_test = self.encoded(f"diag-test-{n_diag}", list(split.test)[:n_diag], True)
-            lin, f0 = linearized_scores(module, theta0, theta_ft, diag_test, self.ctx.device)
-            acc_lin = accuracy(lin, diag_test.labels)
-            acc_ft = accuracy(scores[rows], diag_test.labels)
-            acc_0 = accuracy(f0, diag_test.labels)
-            gain = acc_ft - acc_0
-            rec["diagnostics"] = {
-                "diag_test_size": n_diag, "linearized_accuracy": acc_lin, "ft_accuracy_diag": acc_ft,
-                "zero_shot_accuracy_diag": acc_0,
-                "gain_recovered": (acc_lin - acc_0) / gain if abs(gain) > 1e-12 else float("nan"),
-                "lin_output_rel_error": float((lin - scores[rows]).norm() / (scores[rows] - f0).norm().clamp_min(1e-12)),
-                "linearize_seconds": t()}
-            t = _timer()
-            pos = _balanced_prefix([e.label for e in split.train], cfg.diag_train_size)
-            sub = self.encoded(f"diag-train-{seed}-{len(pos)}", [split.train[i] for i in pos], True)
-            module.eval()
-            opts = self.ntk_options()
-            k1 = compute_kernel(module, sub, kernel="sgd", device=self.ctx.device, progress=self.ctx.progress, **opts)
-            rec["diagnostics"].update({"diag_train_size": len(pos), "kernel_ft": k1["kernel"].tolist(),
-                                       "diag_train_positions": pos})
-            if k0_inline:
-                k0 = compute_kernel(module, sub, kernel="sgd", device=self.ctx.device, progress=self.ctx.progress,
-                                    params=theta0, **opts)
-                rec["diagnostics"]["kernel_0"] = k0["kernel"].tolist()
-                rec["diagnostics"].update(kernel_distance_metrics(k0["kernel"], k1["kernel"]))
-            rec["diagnostics"]["kernel_seconds"] = t()
-        rec["seconds"] = t_all()
-        del module
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        self._save(unit, key, rec)
-        return rec
+            module = task.classifier(use_prompt)
+            m = method_value(cfg, method, lr, bs)
+            try:
+                res = finetune(module, train, m, seed=seed, device=task.device, dev=dev, progress=task.progress,
+                               desc=f"{method} s{seed} lr={lr:g} bs={bs}")
+            except FloatingPointError as exc:  # a diverging grid point is a result, not a crash
+                grid.append({"lr": lr, "batch_size": bs, "dev_acc": float("nan"), "error": str(exc), "seconds": t()})
+                continue
+            entry = {"lr": lr, "batch_size": bs, "dev_acc": res.best_dev_acc, "best_step": res.best_step,
+                     "final_train_loss": res.final_train_loss, "seconds": t(),
+                     "history": [h for h in res.history if "dev_acc" in h]}
+            grid.append(entry)
+            if best is None or res.best_dev_acc > best[0]["dev_acc"]:
+                state = snapshot(module) if len(cfg.batch_sizes) * len(lrs) > 1 else None
+                best = (entry, module, state)
+    if best is None:
+        return {"method": method, "seed": seed, "grid": grid, "accuracy": float("nan"), "seconds": t_all(),
+                "error": "every grid point diverged"}
+    entry, module, state = best
+    if state is not None:
+        restore(module, state)
+    scores = evaluate(module, test, task.device)
+    rec = {"method": method, "seed": seed, "optimizer": optimizer, "grid": grid, "selected": {
+        "lr": entry["lr"], "batch_size": entry["batch_size"], "best_step": entry["best_step"]},
+        "dev_acc": entry["dev_acc"], "accuracy": accuracy(scores, test.labels), "scores": scores.tolist(),
+        "ft_seconds": t_all()}
+    if cfg.diagnostics and use_prompt:
+        rec["diagnostics"] = _diagnostics(task, module, scores, split, seed, k0_inline)
+    rec["seconds"] = t_all()
+    del module
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rec
 
+
+def _diagnostics(task: Task, module, scores, split, seed: int, k0_inline: bool) -> dict:
+    """Linearised-model accuracy and output distance on the test set; eNTK movement on training examples."""
+    from real_tasks.classify import linearized_scores
+    from real_tasks.entk import compute_kernel
+    from theory.finetune import snapshot
+    from theory.metrics import accuracy, kernel_distance, kernel_rel_change
+
+    cfg = task.cfg
+    t = _timer()
+    theta_ft = snapshot(module)
+    theta0 = {"lm." + k: v for k, v in task.theta0.items()}
+    test = task.test_set(True)
+    n_diag = len(test) if cfg.diag_test_size is None else min(cfg.diag_test_size, len(test))
+    rows = list(range(n_diag))
+    diag_test = task.encoded(f"diag-test-{n_diag}", list(split.test)[:n_diag], True)
+    lin, f0 = linearized_scores(module, theta0, theta_ft, diag_test, task.device)
+    acc_lin = accuracy(lin, diag_test.labels)
+    acc_ft = accuracy(scores[rows], diag_test.labels)
+    acc_0 = accuracy(f0, diag_test.labels)
+    gain = acc_ft - acc_0
+    out = {"diag_test_size": n_diag, "linearized_accuracy": acc_lin, "ft_accuracy_diag": acc_ft,
+           "zero_shot_accuracy_diag": acc_0,
+           "gain_recovered": (acc_lin - acc_0) / gain if abs(gain) > 1e-12 else float("nan"),
+           "lin_output_rel_error": float((lin - scores[rows]).norm() / (scores[rows] - f0).norm().clamp_min(1e-12)),
+           "linearize_seconds": t()}
+    t = _timer()
+    pos = _balanced_prefix([e.label for e in split.train], cfg.diag_train_size)
+    sub = task.encoded(f"diag-train-{seed}-{len(pos)}", [split.train[i] for i in pos], True)
+    module.eval()
+    opts = ntk_options(task)
+    k1 = compute_kernel(module, sub, kernel="sgd", device=task.device, progress=task.progress, **opts)
+    out.update({"diag_train_size": len(pos), "kernel_ft": k1["kernel"].tolist(), "diag_train_positions": pos})
+    if k0_inline:
+        k0 = compute_kernel(module, sub, kernel="sgd", device=task.device, progress=task.progress, params=theta0,
+                            **opts)
+        out["kernel_0"] = k0["kernel"].tolist()
+        out.update(kernel_rel_change=kernel_rel_change(k0["kernel"], k1["kernel"]),
+                   kernel_distance=kernel_distance(k0["kernel"], k1["kernel"]))
+    out["kernel_seconds"] = t()
+    return out
+
+
+def kernels(task: Task, ctx: RunContext, use_prompt: bool, names: tuple[str, ...]) -> dict[str, dict]:
+    """The union kernels ``names`` (``sgd``, ``asigngd``) of the prompt (or no-prompt) model function at
+    theta_0, computed in one engine call (one set of per-example gradients) and stored as one unit whose arrays
+    are checked by SHA-256 whenever they are read. Returns kernel name -> record with ``kernel`` (N*C, N*C) and
+    ``outputs`` (N, C) arrays."""
+    from real_tasks.entk import compute_kernel
+
+    opts = ntk_options(task, union=True)
+    inputs = task.inputs(unit="kernels", union=stable_hash(task.union.record()), use_prompt=use_prompt,
+                         kernels=list(names), head_seed=None if use_prompt else task.cfg.head_seed,
+                         ntk=_ntk_key(opts))
+
+    def compute(work):
+        module = task.classifier(use_prompt)
+        res = compute_kernel(module, task.union_set(use_prompt), kernel=list(names), device=task.device,
+                             progress=task.progress, **opts)
+        meta = {}
+        for nm in names:
+            r = res[nm]
+            work.save_array(f"{nm}-kernel", r["kernel"])
+            work.save_array(f"{nm}-outputs", r["outputs"])
+            m = {"plan": r["plan"], "plan_text": r["plan_text"], "seconds": r["seconds"],
+                 "num_outputs": r["num_outputs"], "size": len(task.union.examples), "computed_with": list(names)}
+            if r["error_bound"] is not None:
+                diag = np.sqrt(np.clip(np.diag(r["kernel"]), 0, None))
+                rel = r["error_bound"] / np.maximum(np.abs(r["kernel"]), 1e-300)
+                m["sketch_std_bound_over_norms"] = float(np.max(r["error_bound"] / np.maximum(
+                    np.outer(diag, diag), 1e-300)))
+                m["sketch_std_bound_relative_median"] = float(np.median(rel))
+            meta[nm] = m
+        return meta
+
+    unit = ctx.unit("malladi.kernels", UNIT_VERSIONS["kernels"], inputs, compute)
+    return {nm: {**unit.result[nm], "kernel": unit.array(f"{nm}-kernel"), "outputs": unit.array(f"{nm}-outputs")}
+            for nm in names}
+
+
+def diag_kernel0(task: Task, ctx: RunContext, seed: int, positions: list[int]) -> np.ndarray:
+    """The diagnostics' SGD kernel at theta_0 on the training positions of ``seed``."""
+    from real_tasks.entk import compute_kernel
+
+    opts = ntk_options(task)
+    inputs = task.inputs(unit=f"diag-kernel0-{seed}", seed=seed, positions=list(positions), ntk=_ntk_key(opts))
+
+    def compute(work):
+        split = task.splits[seed]
+        sub = task.encoded(f"diag-train-{seed}-{len(positions)}", [split.train[i] for i in positions], True)
+        k0 = compute_kernel(task.classifier(True), sub, kernel="sgd", device=task.device, progress=task.progress,
+                            **opts)
+        work.save_array("kernel", k0["kernel"])
+        return {"seconds": k0["seconds"]}
+
+    return ctx.unit("malladi.diag-kernel0", UNIT_VERSIONS["diag-kernel0"], inputs, compute).array("kernel")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------
 
 def _num(x) -> float | None:
     """A float from a stored value (strict JSON keeps NaN and infinities as the strings "nan", "inf")."""
     return None if x is None else float(x)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float, int]:
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-    if not v:
-        return float("nan"), float("nan"), 0
-    return float(np.mean(v)), float(np.std(v)), len(v)
-
-
 def comparison_rows(rows: list[dict]) -> list[dict]:
-    """Mean and (population) std over seeds of every (task, model, k, method, metric), in :data:`METHOD_ORDER`."""
-    groups: dict[tuple, list[float]] = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["model"], r["k"], r["method"], r["metric"]), []).append(r["value"])
+    """Mean, sample std and 95% CI over seeds of every (task, model, k, method, metric) (ftsim.core.tables), in
+    :data:`METHOD_ORDER`."""
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    out = []
-    for (task, model, k, method, metric), vals in sorted(
-            groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][4] != "accuracy", kv[0][4],
-                                            order.get(kv[0][3], 99), kv[0][3])):
-        mean, std, n = _mean_std(vals)
-        out.append({"task": task, "model": model, "k": k, "method": method, "metric": metric, "mean": mean,
-                    "std": std, "n": n})
-    return out
+    comp = aggregate(rows, ("task", "model", "k", "method", "metric"))
+    return sorted(comp, key=lambda r: (r["task"], r["model"], r["k"], r["metric"] != "accuracy", r["metric"],
+                                       order.get(r["method"], 99), r["method"]))
 
 
 def comparison_markdown(comp: list[dict]) -> str:
-    """Accuracy table (percent, mean (std) over seeds) and a diagnostics table."""
+    """Accuracy table (percent, mean (sample std) over seeds) and a diagnostics table."""
     acc = [r for r in comp if r["metric"] == "accuracy"]
-    lines = ["| task | model | k | method | accuracy % (std) | seeds |", "|---|---|---|---|---|---|"]
-    for r in acc:
-        lines.append(f"| {r['task']} | {r['model']} | {r['k']} | {r['method']} | "
-                     f"{100 * r['mean']:.1f} ({100 * r['std']:.1f}) | {r['n']} |")
+    out = "Test accuracy %, mean (sample std) over seeds:\n\n" + markdown_table(
+        ["task", "model", "k", "method", "accuracy %", "seeds"],
+        [[r["task"], r["model"], r["k"], r["method"], mean_std(r, 100, 1), r["n"]] for r in acc])
     diag = [r for r in comp if r["metric"] != "accuracy"]
     if diag:
-        lines += ["", "| task | method | diagnostic | mean (std) | seeds |", "|---|---|---|---|---|"]
-        for r in diag:
-            lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | {r['mean']:.3f} ({r['std']:.3f}) | "
-                         f"{r['n']} |")
-    return "\n".join(lines) + "\n"
+        out += "\nDiagnostics, mean (sample std) over seeds:\n\n" + markdown_table(
+            ["task", "method", "diagnostic", "value", "seeds"],
+            [[r["task"], r["method"], r["metric"], mean_std(r, 1, 3), r["n"]] for r in diag])
+    return out
 
 
-def task_table_markdown(rows: list[dict], metric: str = "accuracy", scale: float = 100.0, digits: int = 1,
-                        reference: dict[str, dict[str, str]] | None = None) -> str:
-    """Methods x tasks table of ``metric`` (mean (std) over seeds) from tidy rows of one or more runs.
-
-    ``reference``: optional extra rows ``{label: {task: text}}`` appended below (e.g. a paper's numbers).
-    """
-    from real_tasks.data import TASKS
-
-    comp = [r for r in comparison_rows(rows) if r["metric"] == metric]
-    order = {name: i for i, name in enumerate(TASKS)}  # the papers' task order
-    tasks = sorted(dict.fromkeys(r["task"] for r in comp), key=lambda t: (order.get(t, len(order)), t))
-    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in comp)]
-    methods += [m for m in dict.fromkeys(r["method"] for r in comp) if m not in methods]
-    cell = {(r["method"], r["task"]): r for r in comp}
-    lines = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for m in methods:
-        vals = []
-        for t in tasks:
-            r = cell.get((m, t))
-            vals.append("" if r is None or r["n"] == 0 else
-                        f"{scale * r['mean']:.{digits}f} ({scale * r['std']:.{digits}f})" if r["n"] > 1 else
-                        f"{scale * r['mean']:.{digits}f}")
-        lines.append(f"| {m} | " + " | ".join(vals) + " |")
-    for label, by_task in (reference or {}).items():
-        lines.append(f"| {label} | " + " | ".join(by_task.get(t, "") for t in tasks) + " |")
-    return "\n".join(lines) + "\n"
+def _kernel_rows(task: Task, ctx: RunContext, methods: set[str]) -> dict[str, dict]:
+    wanted = {"prompt-sgd": "k-sgd" in methods, "prompt-asigngd": "k-asigngd" in methods,
+              "noprompt-sgd": "k-noprompt" in methods}
+    out: dict[str, dict] = {}
+    prompt_names = tuple(n.split("-")[1] for n in ("prompt-sgd", "prompt-asigngd") if wanted[n])
+    if prompt_names:
+        for nm, rec in kernels(task, ctx, True, prompt_names).items():
+            out[f"prompt-{nm}"] = rec
+    if wanted["noprompt-sgd"]:
+        out["noprompt-sgd"] = kernels(task, ctx, False, ("sgd",))["sgd"]
+    return out
 
 
 def run(cfg: MalladiConfig, ctx: RunContext) -> dict:
-    """Run every unit (resuming finished ones), then write tables, the figure and the summary."""
+    """Every unit (read from the cache when done before), then the tables and the summary."""
     import torch
 
-    from real_tasks.entk import kernel_distance_metrics, solve_seed
-    from real_tasks.finetune import accuracy
+    from real_tasks.entk import solve_seed
+    from theory.metrics import accuracy, kernel_distance, kernel_rel_change
 
     t_total = _timer()
-    R = _Run(cfg, ctx)
+    task = load_task(cfg, ctx)
+    skipped: list[str] = []
     methods = set(cfg.methods)
     prompt_methods = {"zero-shot", "ft-sgd", "ft-adam", "k-sgd", "k-asigngd"}
-    if not R.prompt_ok and methods & prompt_methods:
-        R.skipped.append(f"prompt-based methods {sorted(methods & prompt_methods)}: {cfg.model} has no LM head")
+    if not task.prompt_ok and methods & prompt_methods:
+        skipped.append(f"prompt-based methods {sorted(methods & prompt_methods)}: {cfg.model} has no LM head")
         methods -= prompt_methods
-    base = {"task": R.spec.name, "model": cfg.model, "k": cfg.k}
+    base = {"task": task.spec.name, "model": cfg.model, "k": cfg.k}
     rows: list[dict] = []
-    seconds = {"load": R.load_seconds, "zero_shot": 0.0, "entk": 0.0, "entk_solve": 0.0, "finetune": 0.0,
+    seconds = {"load": task.load_seconds, "zero_shot": 0.0, "entk": 0.0, "entk_solve": 0.0, "finetune": 0.0,
                "diagnostics": 0.0}
-    test_labels = np.array([e.label for e in next(iter(R.splits.values())).test])
-    union_labels = np.array([e.label for e in R.union.examples])
+    test_labels = np.array([e.label for e in task.test_examples])
+    union_labels = np.array([e.label for e in task.union.examples])
     checks: dict = {}
 
     if "zero-shot" in methods:
-        z = R.zero_shot()
+        z = zero_shot(task, ctx)
         seconds["zero_shot"] += z["seconds"]
         rows.append({**base, "seed": None, "method": "zero-shot", "metric": "accuracy", "value": _num(z["accuracy"]),
                      "n_test": len(test_labels)})
 
-    names = {"sgd": "FT-SGD", "adam": "FT-Adam", "noprompt": "FT (no prompt)"}
     k0_inline = cfg.ntk_implementation == "auto" or "k-sgd" not in methods
     ft_records: dict[tuple[str, int], dict] = {}
     for seed in cfg.seeds:
         for method in ("sgd", "adam", "noprompt"):
             if f"ft-{method}" in methods:
-                ft_records[(method, seed)] = R.finetune_unit(method, seed, k0_inline)
+                ft_records[(method, seed)] = finetune_unit(task, ctx, method, seed, k0_inline)
 
-    kernels: dict[str, dict] = {}
-    wanted = {"prompt-sgd": "k-sgd" in methods, "prompt-asigngd": "k-asigngd" in methods,
-              "noprompt-sgd": "k-noprompt" in methods}
-    also = tuple(n for n, need in wanted.items() if need)
-    for name, need in wanted.items():
-        if need:
-            kernels[name] = R.kernel(name, also)
-            seconds["entk"] += kernels[name]["seconds"]
-    if "prompt-sgd" in kernels and "zero-shot" in methods:
+    kern = _kernel_rows(task, ctx, methods)
+    for k in kern.values():
+        seconds["entk"] += k["seconds"]
+    if "prompt-sgd" in kern and "zero-shot" in methods:
         # Self-check: the engine's f_0 on the test rows must predict what zero-shot prompting predicts.
-        f0 = kernels["prompt-sgd"]["outputs"][list(R.union.test_rows)]
-        checks["zero_shot_from_engine_outputs"] = accuracy(torch.from_numpy(f0), torch.from_numpy(test_labels))
+        f0 = kern["prompt-sgd"]["outputs"][list(task.union.test_rows)]
+        checks["zero_shot_from_engine_outputs"] = accuracy(f0, test_labels)
 
     t = _timer()
     for seed in cfg.seeds:
-        tr, te = R.union.train_rows[seed], R.union.test_rows
+        tr, te = task.union.train_rows[seed], task.union.test_rows
         solved: dict[str, np.ndarray] = {}
-        if "prompt-sgd" in kernels or "prompt-asigngd" in kernels:
-            ks = kernels.get("prompt-sgd")
-            ka = kernels.get("prompt-asigngd")
+        if "prompt-sgd" in kern or "prompt-asigngd" in kern:
+            ks, ka = kern.get("prompt-sgd"), kern.get("prompt-asigngd")
             outs = (ks or ka)["outputs"]
             solved.update(solve_seed(None if ks is None else ks["kernel"], None if ka is None else ka["kernel"],
                                      outs, union_labels, tr, te, ridge=cfg.kernel_ridge,
                                      logistic_ridge=cfg.logistic_ridge, gamma=cfg.asym_gamma))
-        if "noprompt-sgd" in kernels:
-            kn = kernels["noprompt-sgd"]
+        if "noprompt-sgd" in kern:
+            kn = kern["noprompt-sgd"]
             res = solve_seed(kn["kernel"], None, kn["outputs"], union_labels, tr, te, ridge=cfg.kernel_ridge,
                              logistic_ridge=cfg.logistic_ridge)
             solved["K-SGD (no prompt)"] = res["K-SGD"]
             solved["K-SGD (no prompt, logistic)"] = res["K-SGD (logistic)"]
         for method, out in solved.items():
             rows.append({**base, "seed": seed, "method": method, "metric": "accuracy",
-                         "value": accuracy(torch.from_numpy(out), torch.from_numpy(test_labels)),
-                         "n_test": len(test_labels)})
+                         "value": accuracy(out, test_labels), "n_test": len(test_labels)})
     seconds["entk_solve"] += t()
 
     for (method, seed), rec in ft_records.items():
         diag = dict(rec.get("diagnostics", {}))
         seconds["finetune"] += rec.get("ft_seconds", rec.get("seconds", 0.0))
         seconds["diagnostics"] += diag.get("linearize_seconds", 0.0) + diag.get("kernel_seconds", 0.0)
-        if "kernel_ft" in diag and "kernel_distance" not in diag and R.union_engine_differs:
+        k0 = None
+        if "kernel_ft" in diag and "kernel_distance" not in diag and _union_engine_differs(cfg):
             # K(theta_0) with the diagnostics' engine (same algorithm, sketch and hashes as K(theta_FT))
-            diag.update(kernel_distance_metrics(R.diag_kernel0(seed, diag["diag_train_positions"]),
-                                                np.asarray(diag["kernel_ft"], float)))
-        elif "kernel_ft" in diag and "kernel_distance" not in diag and "prompt-sgd" in kernels:
-            c = kernels["prompt-sgd"]["num_outputs"]
-            rows_u = diag.get("diag_union_rows") or [R.union.train_rows[seed][i] for i in diag["diag_train_positions"]]
+            k0 = diag_kernel0(task, ctx, seed, diag["diag_train_positions"])
+        elif "kernel_ft" in diag and "kernel_distance" not in diag and "prompt-sgd" in kern:
+            c = kern["prompt-sgd"]["num_outputs"]
+            rows_u = [task.union.train_rows[seed][i] for i in diag["diag_train_positions"]]
             flat = (np.asarray(rows_u)[:, None] * c + np.arange(c)[None, :]).reshape(-1)
-            diag.update(kernel_distance_metrics(kernels["prompt-sgd"]["kernel"][np.ix_(flat, flat)],
-                                                np.asarray(diag["kernel_ft"], float)))
-        rows.append({**base, "seed": seed, "method": names[method], "metric": "accuracy",
+            k0 = kern["prompt-sgd"]["kernel"][np.ix_(flat, flat)]
+        if k0 is not None:
+            k1 = np.asarray(diag["kernel_ft"], float)
+            diag.update(kernel_rel_change=kernel_rel_change(k0, k1), kernel_distance=kernel_distance(k0, k1))
+        rows.append({**base, "seed": seed, "method": _FT_NAMES[method], "metric": "accuracy",
                      "value": _num(rec["accuracy"]), "n_test": len(test_labels),
                      "lr": rec.get("selected", {}).get("lr"), "batch_size": rec.get("selected", {}).get("batch_size"),
                      "best_step": rec.get("selected", {}).get("best_step")})
         for metric in ("linearized_accuracy", "ft_accuracy_diag", "zero_shot_accuracy_diag", "gain_recovered",
                        "lin_output_rel_error", "kernel_distance", "kernel_rel_change"):
             if metric in diag:
-                rows.append({**base, "seed": seed, "method": names[method], "metric": metric,
+                rows.append({**base, "seed": seed, "method": _FT_NAMES[method], "metric": metric,
                              "value": _num(diag[metric]), "n_test": diag.get("diag_test_size")})
 
     write_table(ctx.out_dir / "results", rows)
     comp = comparison_rows(rows)
     write_table(ctx.out_dir / "comparison", comp)
     atomic_write_text(ctx.out_dir / "comparison.md", comparison_markdown(comp))
-    figures = []
-    try:
-        from figures.malladi import redraw
-
-        figures = [str(p) for p in redraw(ctx.out_dir)]
-    except Exception as exc:  # noqa: BLE001 -- a figure failure must not lose the results written above
-        R.skipped.append(f"figure: {type(exc).__name__}: {exc}")
 
     acc = {r["method"]: r for r in comp if r["metric"] == "accuracy"}
-    parts = [f"{m} {100 * acc[m]['mean']:.1f}±{100 * acc[m]['std']:.1f}" for m in METHOD_ORDER if m in acc]
-    summary = {
-        "headline": f"{R.spec.name} k={cfg.k} {cfg.model} ({len(cfg.seeds)} seeds, {len(test_labels)} test): "
-                    + ", ".join(parts),
-        "task": R.spec.name, "model": R.lm.describe(), "k": cfg.k, "seeds": list(cfg.seeds),
-        "test_size": len(test_labels), "kernel_union_size": len(R.union.examples),
-        "label_tokens": None if R.label_tokens is None else R.label_tokens.record(),
-        "accuracy": {m: {"mean": r["mean"], "std": r["std"], "n": r["n"]} for m, r in acc.items()},
+    parts = [f"{m} {mean_std(acc[m], 100, 1)}" for m in METHOD_ORDER if m in acc]
+    return {
+        "headline": f"{task.spec.name} k={cfg.k} {cfg.model} ({len(cfg.seeds)} seeds, {len(test_labels)} test; "
+                    f"accuracy % mean (sample std)): " + ", ".join(parts),
+        "task": task.spec.name, "model": task.lm.describe(), "k": cfg.k, "seeds": list(cfg.seeds),
+        "test_size": len(test_labels), "kernel_union_size": len(task.union.examples),
+        "label_tokens": None if task.label_tokens is None else task.label_tokens.record(),
+        "accuracy": {m: {"mean": r["mean"], "std": r["std"], "n": r["n"], "ci_low": r["ci_low"],
+                         "ci_high": r["ci_high"]} for m, r in acc.items()},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        "compute_seconds": round(sum(seconds.values()), 2),
+        "task_compute_seconds": round(sum(seconds.values()), 2),
         "this_invocation_seconds": round(t_total(), 2),
-        "kernel_plans": {n: k["plan_text"] for n, k in kernels.items()},
-        "checks": checks, "skipped": R.skipped, "figures": figures,
-        "data": {k: v for k, v in R.data.describe().items() if k not in ("files",)},
-        "device": ctx.device, "threads": __import__("torch").get_num_threads(), "cpu_count": os.cpu_count(),
+        "kernel_plans": {n: k["plan_text"] for n, k in kern.items()},
+        "checks": checks, "skipped": skipped,
+        "data": {k: v for k, v in task.data.describe().items() if k not in ("files",)},
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
     }
-    return summary
 
 
 EXPERIMENT = Experiment(
@@ -667,6 +655,9 @@ EXPERIMENT = Experiment(
     config_cls=MalladiConfig,
     presets=PRESETS,
     run=run,
+    figures=("figures.malladi:redraw",),
+    verifier="ntk",
+    reproduce=(),
     help=("Malladi et al. 2023, 'A Kernel-Based View of Language Model Fine-Tuning': prompt-based fine-tuning "
           "(SGD, Adam) vs the eNTK solutions (K-SGD, K-A-SignGD) on k-shot real tasks, standard fine-tuning "
           "without a prompt and its kernel, zero-shot, and kernel-behaviour diagnostics.\n\nexample:\n"

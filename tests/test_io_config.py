@@ -1,4 +1,4 @@
-"""Atomic files, tidy tables, resumable stores and config parsing."""
+"""Atomic files (and their mode under the umask), tidy tables and config parsing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 
 from ftsim.core.config import add_config_arguments, config_from_args, config_from_dict, config_hash, parse_value
 from ftsim.core.io import (
-    ResultStore,
     atomic_open,
     read_json,
     read_jsonl,
@@ -60,15 +59,16 @@ def test_tables_round_trip_and_bad_line_is_named(tmp_path):
         read_jsonl(tmp_path / "bad.jsonl")
 
 
-def test_result_store(tmp_path):
-    store = ResultStore(tmp_path / "units")
-    assert store.get("task=SST-2,seed=13") is None
-    store.put("task=SST-2,seed=13", {"acc": 0.9})
-    assert "task=SST-2,seed=13" in store and store.get("task=SST-2,seed=13") == {"acc": 0.9}
-    assert ResultStore(tmp_path / "units").keys() == ["task=SST-2,seed=13"]  # survives a restart
-    for bad in ("a/b", "../x", "", ".hidden", "a b"):
-        with pytest.raises(ValueError, match="result key"):
-            store.put(bad, {})
+def test_atomic_files_respect_the_umask(tmp_path):
+    import os
+
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(mask)
+        try:
+            write_json(tmp_path / f"m{mask:o}.json", {"a": 1})
+        finally:
+            os.umask(old)
+        assert (tmp_path / f"m{mask:o}.json").stat().st_mode & 0o777 == mode
 
 
 def test_stable_hash_is_order_independent_and_sensitive():
@@ -108,6 +108,16 @@ def test_config_flags_override_the_preset():
 def test_bad_values_name_the_flag(tp, text, pattern):
     with pytest.raises(ValueError, match=f"--flag: .*{pattern}"):
         parse_value(tp, text, "--flag")
+
+
+def test_config_errors_name_the_field():
+    from ftsim.core.errors import InputError
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, Cfg, PRESETS)
+    with pytest.raises(InputError) as info:
+        config_from_args(Cfg, PRESETS, p.parse_args(["--num-states", "ten"]))
+    assert info.value.field == "num_states" and info.value.describe(flag_style=True).startswith("--num-states: ")
 
 
 def test_unknown_config_field_is_named():

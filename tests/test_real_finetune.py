@@ -1,4 +1,5 @@
-"""Fine-tuning, the linearised model and the eNTK plumbing of real_tasks on tiny random models.
+"""Fine-tuning (theory.finetune methods on real-task classifiers), the linearised model and the eNTK plumbing of
+real_tasks on tiny random models.
 
 Oracles: explicit per-example Jacobians (``torch.func.jacrev``) for the kernel; exactness of the linearisation
 for parameters the output is linear in (a linear head) and its second-order error elsewhere; numpy
@@ -12,12 +13,13 @@ import pytest
 import torch
 
 from real_tasks.data import Example, KShotSplit
-from real_tasks.entk import compute_kernel, kernel_distance_metrics, kernel_union, solve_seed
-from real_tasks.finetune import (FTConfig, accuracy, encode_set, evaluate, finetune, functional_outputs,
-                                 linearized_scores, make_classifier, restore, snapshot)
+from real_tasks.classify import encode_set, functional_outputs, linearized_scores, make_classifier
+from real_tasks.entk import compute_kernel, kernel_union, solve_seed
 from real_tasks.models import tiny_model
-from theory.oracles import sign_tau
 from real_tasks.prompts import PROMPTS, get_prompt, label_token_ids, words_of
+from theory.finetune import Method, Optimizer, evaluate, finetune, restore, snapshot
+from theory.metrics import accuracy
+from theory.oracles import sign_tau
 
 POS = ["the film was fun", "I liked it a lot", "a fun film", "liked the plot", "fun fun fun", "a lot of fun"]
 NEG = ["dull boring movie", "the plot was thin", "boring and dull", "a dull film", "thin boring plot", "dull dull"]
@@ -45,8 +47,9 @@ def test_finetuning_fits_the_training_set_reproducibly(setup, optimizer, lr):
     for _ in range(2):
         restore(lm.model, theta0)
         clf = make_classifier(lm, use_prompt=True, label_tokens=lt)
-        res = finetune(clf, data, data, FTConfig(optimizer, lr, 20, 4, eval_every=5, max_grad_norm=None),
-                       seed=7, device="cpu")
+        method = Method(optimizer, Optimizer(optimizer, lr=lr), steps=20, batch_size=4, eval_every=5,
+                        max_grad_norm=None)
+        res = finetune(clf, data, method, seed=7, device="cpu", dev=data)
         runs.append((res, evaluate(clf, data, "cpu")))
     (r1, s1), (r2, s2) = runs
     assert [h["train_loss"] for h in r1.history] == [h["train_loss"] for h in r2.history]  # same seed, same run
@@ -63,7 +66,8 @@ def test_divergence_is_reported(setup):
     theta0 = snapshot(lm.model)
     clf = make_classifier(lm, use_prompt=True, label_tokens=lt)
     with pytest.raises(FloatingPointError, match="loss became"):
-        finetune(clf, data, None, FTConfig("sgd", 1e12, 20, 4, max_grad_norm=None), seed=0, device="cpu")
+        finetune(clf, data, Method("sgd", Optimizer("sgd", lr=1e12), steps=20, batch_size=4, max_grad_norm=None),
+                 seed=0, device="cpu")
     restore(lm.model, theta0)
 
 
@@ -142,10 +146,3 @@ def test_solve_seed_reads_the_right_blocks():
     np.testing.assert_allclose(out["K-SGD"], ref, rtol=1e-8, atol=1e-10)
     assert set(out) == {"K-SGD", "K-SGD (logistic)", "K-A-SignGD"}
     assert out["K-A-SignGD"].shape == (3, 1)
-
-
-def test_kernel_distance_metrics():
-    k = np.array([[2.0, 1.0], [1.0, 3.0]])
-    assert kernel_distance_metrics(k, k) == pytest.approx({"kernel_rel_change": 0.0, "kernel_distance": 0.0}, abs=1e-12)
-    m = kernel_distance_metrics(k, 3 * k)  # a rescaled kernel: no change of direction, 200% change of size
-    assert m["kernel_distance"] == pytest.approx(0.0, abs=1e-12) and m["kernel_rel_change"] == pytest.approx(2.0)

@@ -12,7 +12,7 @@ import torch
 
 from ftsim.app.cli import main
 from ftsim.core.io import read_jsonl
-from real_tasks.malladi import METHOD_ORDER, MalladiConfig, comparison_markdown, comparison_rows, task_table_markdown
+from real_tasks.malladi import METHOD_ORDER, MalladiConfig, comparison_markdown, comparison_rows
 from tests.conftest import require
 
 POS = ["a fun and moving film", "I liked it a lot", "great acting and a sharp plot", "warm , funny and smart",
@@ -42,6 +42,14 @@ def _run(args, capsys):
     return next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("results: "))
 
 
+def _units(run_dir):
+    return json.loads((run_dir / "units.json").read_text())
+
+
+def _unit_dirs(results_tmp, kind):
+    return sorted((results_tmp.parent / "cache" / "units" / kind).glob("*/*/record.json"))
+
+
 def test_pipeline_end_to_end_and_resume(task_dir, results_tmp, capsys):
     run_dir = _run(["--model", "tiny-causal", "--data-dir", str(task_dir), *TINY], capsys)
     from pathlib import Path
@@ -58,6 +66,7 @@ def test_pipeline_end_to_end_and_resume(task_dir, results_tmp, capsys):
     assert ("FT-SGD", "linearized_accuracy") in diag and ("FT-Adam", "kernel_distance") in diag
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["headline"].startswith("SST-2 k=2 tiny-causal")
+    assert summary["figure_errors"] == []
     # the engine's f_0 on the test rows predicts exactly what zero-shot prompting predicts
     zs = next(r["value"] for r in acc if r["method"] == "zero-shot")
     assert summary["checks"]["zero_shot_from_engine_outputs"] == zs
@@ -65,41 +74,57 @@ def test_pipeline_end_to_end_and_resume(task_dir, results_tmp, capsys):
     splits = json.loads((run_dir / "splits.json").read_text())
     assert [len(s["train_index"]) for s in splits["splits"]] == [4, 4]
 
-    # Resume: drop the summary and one unit; only that unit is recomputed, the others are reused as they are.
-    units = run_dir / "units"
-    stamps = {p.name: p.stat().st_mtime_ns for p in units.glob("*.json")}
+    # Resume: drop the summary and one fine-tuning unit from the cache; only that unit is recomputed.
+    records = {p: p.stat().st_mtime_ns for k in ("malladi.finetune", "malladi.kernels", "malladi.zero-shot")
+               for p in _unit_dirs(results_tmp, k)}
+    victim = next(p for p in records if json.loads(p.read_text())["inputs"]["unit"] == "ft-adam-s21")
+    import shutil
+
+    shutil.rmtree(victim.parent)
     (run_dir / "summary.json").unlink()
-    (units / "ft-adam-s21.json").unlink()
     run_dir2 = _run(["--model", "tiny-causal", "--data-dir", str(task_dir), *TINY], capsys)
     assert Path(run_dir2) == run_dir
-    again = {p.name: p.stat().st_mtime_ns for p in units.glob("*.json")}
-    assert set(again) == set(stamps)
-    assert {n for n in stamps if again[n] != stamps[n]} == {"ft-adam-s21.json"}
+    again = {p: p.stat().st_mtime_ns for p in records if p.exists()}
+    assert set(again) == set(records) and all(again[p] == records[p] for p in again if p != victim)
+    assert victim.exists()
     assert read_jsonl(run_dir / "results.jsonl") == rows  # same seed, same numbers
-
-    # Several runs -> one methods x tasks table and figure, from the stored rows only.
-    from figures.malladi import combine
-
-    paths = combine([run_dir], run_dir.parent / "combined")
-    table = paths[-1].read_text()
-    mean_sgd = 100 * np.mean([r["value"] for r in acc if r["method"] == "FT-SGD"])
-    assert "| method | SST-2 |" in table and f"| FT-SGD | {mean_sgd:.1f} (" in table
-    assert all(p.is_file() for p in paths)
 
 
 def test_units_are_reused_across_runs(task_dir, results_tmp, capsys):
-    """Results are cached per (task, model, k, seed, method): a second run with another method list (another
-    config, another run directory) reuses the fine-tuning units of the first instead of recomputing them."""
+    """Units are cached by what produced them: a second run with another method list (another config, another
+    run directory) reads the fine-tuning unit of the first instead of recomputing it."""
     from pathlib import Path
 
     base = ["--model", "tiny-causal", "--data-dir", str(task_dir), *TINY, "--seeds", "13", "--diagnostics", "false"]
     first = Path(_run([*base, "--methods", "ft-sgd"], capsys))
+    stamps = {p: p.stat().st_mtime_ns for p in _unit_dirs(results_tmp, "malladi.finetune")}
     second = Path(_run([*base, "--methods", "ft-sgd,zero-shot"], capsys))
     assert first != second
-    a = json.loads((first / "units" / "ft-sgd-s13.json").read_text())
-    b = json.loads((second / "units" / "ft-sgd-s13.json").read_text())
-    assert a == b and a["unit_key"]  # the same record, timings included: nothing was recomputed
-    assert (second / "units" / "zeroshot.json").is_file()
+    ft = lambda d: {u["digest"] for u in _units(d) if u["kind"] == "malladi.finetune"}  # noqa: E731
+    assert ft(first) == ft(second) and len(ft(first)) == 1
+    assert {p: p.stat().st_mtime_ns for p in _unit_dirs(results_tmp, "malladi.finetune")} == stamps
+    assert any(u["kind"] == "malladi.zero-shot" for u in _units(second))
+
+
+def test_a_corrupted_cached_kernel_is_recomputed_with_a_warning(task_dir, results_tmp, capsys):
+    """A cached kernel whose entries were shuffled (same size) is detected by its SHA-256, named, and
+    recomputed: the run's numbers do not move."""
+    from pathlib import Path
+
+    import numpy as np
+
+    base = ["--model", "tiny-causal", "--data-dir", str(task_dir), *TINY, "--seeds", "13", "--diagnostics", "false",
+            "--methods", "k-sgd"]
+    run_dir = Path(_run(base, capsys))
+    rows = read_jsonl(run_dir / "results.jsonl")
+    (unit,) = [p.parent for p in _unit_dirs(results_tmp, "malladi.kernels")]
+    k = np.load(unit / "sgd-kernel.npy")
+    np.save(unit / "sgd-kernel.npy", k[::-1, ::-1].copy())
+    from ftsim.core.cache import CacheWarning
+
+    with pytest.warns(CacheWarning, match="sgd-kernel.npy: SHA-256 differs"):
+        _run(base, capsys)
+    assert read_jsonl(run_dir / "results.jsonl") == rows
 
 
 @pytest.mark.parametrize("model, expect", [("tiny-masked", set(METHOD_ORDER)),
@@ -116,12 +141,16 @@ def test_masked_and_headless_models(task_dir, results_tmp, capsys, model, expect
     assert bool(summary["skipped"]) == (model == "tiny-encoder")
 
 
-def test_config_errors_are_clear(capsys):
-    with pytest.raises(ValueError, match="unknown"):
+def test_config_errors_are_clear(capsys, results_tmp):
+    from ftsim.core.errors import InputError
+
+    with pytest.raises(InputError, match="unknown"):
         MalladiConfig(methods=("ft-sgd", "ft-rmsprop"))
-    with pytest.raises(SystemExit):
-        main(["run", "malladi", "--k", "many"])
+    assert main(["run", "malladi", "--k", "many"]) == 2
     assert "--k: 'many' is not a valid int" in capsys.readouterr().err
+    assert main(["run", "malladi", "--k", "-3"]) == 2
+    assert "--k: must be >= 1, got -3" in capsys.readouterr().err
+    assert not results_tmp.exists()  # rejected before anything was written
 
 
 def test_comparison_table_orders_methods():
@@ -129,24 +158,21 @@ def test_comparison_table_orders_methods():
             for s, (m, v) in enumerate([("K-SGD", 0.8), ("FT-SGD", 0.9), ("K-SGD", 0.7), ("FT-SGD", 0.7)])]
     comp = comparison_rows(rows)
     assert [c["method"] for c in comp] == ["FT-SGD", "K-SGD"]
-    assert comp[0]["mean"] == pytest.approx(0.8) and comp[0]["std"] == pytest.approx(0.1)
-    assert "| SST-2 | m | 16 | FT-SGD | 80.0 (10.0) | 2 |" in comparison_markdown(comp)
-    more = rows + [{**rows[0], "task": "MR", "seed": None, "method": "zero-shot", "value": 0.5}]
-    table = task_table_markdown(more, reference={"paper": {"MR": "x"}}).splitlines()
-    assert table[0] == "| method | SST-2 | MR |"
-    assert table[2:] == ["| zero-shot |  | 50.0 |", "| FT-SGD | 80.0 (10.0) |  |", "| K-SGD | 75.0 (5.0) |  |",
-                         "| paper |  | x |"]
+    # sample standard deviation (ddof = 1) of 0.9 and 0.7
+    assert comp[0]["mean"] == pytest.approx(0.8) and comp[0]["std"] == pytest.approx(np.sqrt(0.02))
+    assert "| SST-2 | m | 16 | FT-SGD | 80.0 (14.1) | 2 |" in comparison_markdown(comp)
 
 
 @pytest.mark.real_model
-def test_smollm2_loads_and_gives_a_4x4_kernel(tmp_path):
-    """The real SmolLM2-135M from the installed package: prompt scores, and its SGD eNTK on 4 examples against
-    the polarisation identity K_ij = (|g_i + g_j|^2 - |g_i|^2 - |g_j|^2) / 2 with g = autograd gradients."""
+def test_smollm2_loads_and_gives_exact_4x4_kernels(tmp_path):
+    """The real SmolLM2-135M from the installed package: prompt scores, and its SGD and A-SignGD eNTKs on 4
+    examples (the factored engine, as the quick preset uses it) against one explicit set of autograd gradients."""
+    from real_tasks.classify import encode_set, make_classifier
     from real_tasks.data import Example
     from real_tasks.entk import compute_kernel
-    from real_tasks.finetune import encode_set, make_classifier
     from real_tasks.models import load_model, smollm2_gguf_path
     from real_tasks.prompts import get_prompt, label_token_ids
+    from theory.oracles import sign_tau
 
     try:
         path = smollm2_gguf_path()
@@ -163,34 +189,25 @@ def test_smollm2_loads_and_gives_a_4x4_kernel(tmp_path):
            Example("it 's a charming and often affecting journey .", 1), Example("a boring mess .", 0)]
     data = encode_set(lm, exs, prompt=p, label_tokens=lt)
     clf = make_classifier(lm, use_prompt=True, label_tokens=lt)
-    res = compute_kernel(clf, data, kernel="sgd", implementation="streaming", memory_budget=4 << 30)
-    K = res["kernel"]
-    assert K.shape == (4, 4) and np.allclose(K, K.T, rtol=1e-6) and np.all(np.linalg.eigvalsh(K) > 0)
-    # the factored engine (what the quick preset uses): every tensor captured, same kernel, A-SignGD alongside
     fac = compute_kernel(clf, data, kernel=["sgd", "asigngd"], implementation="factored", memory_budget=8 << 30)
     assert fac["sgd"]["plan"]["factored"]["uncovered"] == {}
+
+    params = list(clf.parameters())
+    rows = []
+    for i in range(4):  # the oracle: one autograd gradient per example of f = f_great - f_terrible
+        s = clf(data.select([i]))[0]
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(s[1] - s[0], params)]))
+    J = torch.stack(rows)  # (4, P) float32
+    K = (J.double() @ J.double().T).numpy()
+    A = (J.double() @ sign_tau(J).double().T).numpy()
+    # float32 gradients, float64 products: the factored rows are summed in another order than autograd's
     assert np.abs(fac["sgd"]["kernel"] - K).max() <= 1e-4 * np.abs(K).max()
-    asym = compute_kernel(clf, data, kernel="asigngd", implementation="streaming", memory_budget=4 << 30)["kernel"]
-    assert np.abs(fac["asigngd"]["kernel"] - asym).max() <= 1e-4 * np.abs(asym).max()
-
-    params = [q for q in clf.parameters()]
-
-    def sq_grad_norm(rows):
-        scores = [clf(data.select([i]))[0] for i in rows]
-        out = sum(s[1] - s[0] for s in scores)
-        grads = torch.autograd.grad(out, params)
-        return sum(float(g.double().pow(2).sum()) for g in grads)
-
-    norms = [sq_grad_norm([i]) for i in range(4)]
-    for i in range(4):
-        assert K[i, i] == pytest.approx(norms[i], rel=1e-4)
-    for i, j in [(0, 1), (2, 3)]:
-        oracle = (sq_grad_norm([i, j]) - norms[i] - norms[j]) / 2
-        assert K[i, j] == pytest.approx(oracle, rel=2e-3, abs=1e-4 * np.sqrt(norms[i] * norms[j]))
+    assert np.abs(fac["asigngd"]["kernel"] - A).max() <= 1e-4 * np.abs(A).max()
+    assert np.array_equal(fac["sgd"]["kernel"], fac["sgd"]["kernel"].T) and np.all(np.linalg.eigvalsh(K) > 0)
     # f_0 of the engine = the label-word logit difference of the prompt classifier
     with torch.no_grad():
         s = clf(data.select([0]))
-    assert res["outputs"][0, 0] == pytest.approx(float(s[0, 1] - s[0, 0]), abs=1e-3)
+    assert fac["sgd"]["outputs"][0, 0] == pytest.approx(float(s[0, 1] - s[0, 0]), abs=1e-3)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
 
 

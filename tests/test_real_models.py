@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from real_tasks.data import TASKS, Example
-from real_tasks.finetune import encode_set, evaluate, make_classifier
+from real_tasks.classify import encode_set, make_classifier
+from theory.finetune import evaluate
 from real_tasks.models import (LinearHeadClassifier, PromptClassifier, attention_mask_4d, collate, kernel_outputs,
                                load_model, tiny_model, trim_batch)
 from real_tasks.prompts import (PROMPTS, LabelTokens, Prompt, encode_prompt, get_prompt, label_token_ids, render,

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from simulate.hmm import MemoryHMM
-from simulate.inference import MASK, infer
+from simulate.oracles import masked_memory_posterior, masked_outputs
 from simulate.sampling import sample
 from simulate.tasks import linear_posterior_task, memory_linear_task
 from simulate.wei2021.oracles import (
@@ -55,11 +55,7 @@ def positive_memory_hmms(draw):
 def test_leave_one_out_outputs_equal_masked_inference(model, seed):
     x = sample(model, 3, 5, seed).tokens.astype(np.int64)
     ours = leave_one_out_outputs(model, x)
-    ref = np.empty_like(ours)
-    for t in range(x.shape[1]):
-        xm = x.copy()
-        xm[:, t] = MASK
-        ref[:, t] = infer(model, xm).posteriors[:, t] @ model.as_hmm().emit
+    ref = masked_outputs(model, x)
     # One division by E[h, x_t] >= ~1e-3 per entry after a float64 forward-backward: 1e-9 is generous.
     np.testing.assert_allclose(ours, ref, atol=1e-9)
 
@@ -80,9 +76,7 @@ def test_known_syntax_memory_identity(num_memory, num_syntax, seed):
         sv = np.linalg.svd(emit[:, s_t, :], compute_uv=False)
         if sv[-1] < 1e-3:
             continue  # ill-conditioned draw: the identity holds but not to the tolerance below
-        xm = x.copy()
-        xm[:, t] = MASK
-        pm = infer(model, xm).posteriors[:, t].reshape(-1, num_memory, num_syntax).sum(axis=2)
+        pm = masked_memory_posterior(model, x, t)
         np.testing.assert_allclose(G[:, t] @ np.linalg.pinv(emit[:, s_t, :]), pm, atol=1e-10 / sv[-1])
 
 

@@ -20,36 +20,43 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from theory.ntk import Batch, ModelFn, empirical_ntk, select_parameters
+from theory.batching import Batch, ModelFn, batch_size_of, slice_batch
+from theory.metrics import accuracy, kernel_rel_change
+from theory.ntk import empirical_ntk, select_parameters
 from theory.solvers import targets_from_labels
 
-__all__ = ["linearize", "train", "TrainResult", "loss_value", "accuracy", "kernel_distance", "relative_distance",
-           "LinearizationReport", "linearization_report"]
+__all__ = ["linearize", "linearized_outputs", "train", "TrainResult", "loss_value", "LinearizationReport", "linearization_report"]
 
 OPTIMIZERS = ("sgd", "adam", "signgd")
 LOSSES = ("mse", "ce")
 
 
-def linearize(f: ModelFn, params0: Mapping[str, torch.Tensor]) -> ModelFn:
-    """The linearised model around ``params0``.
+def linearized_outputs(f: ModelFn, params0: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
+                       batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f_lin(params; x), f(params0; x)) for the first-order Taylor expansion around ``params0``:
 
-    Returns:
-        ``f_lin(params, batch) = f(params0, batch) + jvp(f(., batch), params0, params - params0)``; entries of
-        ``params`` missing from the mapping are taken at ``params0``. Gradients flow to ``params`` (the jvp is
-        linear in the tangent), so f_lin trains with the same optimiser code as f.
-    """
+        f_lin(theta; x) = f(theta_0; x) + J(theta_0; x) (theta - theta_0)   (Malladi et al. 2023, Def. 3.2)
+
+    with one forward-mode pass (``torch.func.jvp``); names of ``params0`` missing from ``params`` are taken at
+    theta_0. Differentiable in ``params`` (the jvp is linear in the tangent)."""
+    names = [k for k in params0 if k in params]
+    tangent = {k: params[k] - params0[k] for k in names}
+    const = {k: v for k, v in params0.items() if k not in tangent}
+
+    def g(sub):
+        return f({**const, **sub}, batch)
+
+    out0, dout = torch.func.jvp(g, ({k: params0[k] for k in names},), (tangent,))
+    return out0 + dout, out0
+
+
+def linearize(f: ModelFn, params0: Mapping[str, torch.Tensor]) -> ModelFn:
+    """The linearised model around ``params0``: ``f_lin(params, batch)`` (see :func:`linearized_outputs`), trainable
+    by the same optimiser code as f."""
     p0 = {k: v.detach() for k, v in params0.items()}
 
     def f_lin(params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        names = [k for k in p0 if k in params]
-        tangent = {k: params[k] - p0[k] for k in names}
-        const = {k: v for k, v in p0.items() if k not in tangent}
-
-        def g(sub):
-            return f({**const, **sub}, batch)
-
-        out0, dout = torch.func.jvp(g, ({k: p0[k] for k in names},), (tangent,))
-        return out0 + dout
+        return linearized_outputs(f, p0, params, batch)[0]
 
     return f_lin
 
@@ -73,17 +80,6 @@ def loss_value(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
             return torch.nn.functional.softplus(-s * out[:, 0]).mean()
         return torch.nn.functional.cross_entropy(out, y.long())
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-
-
-def accuracy(out: torch.Tensor, y: torch.Tensor) -> float:
-    """Classification accuracy: argmax for C > 1, sign for C = 1 (labels {0, 1} or {-1, +1})."""
-    out = out.detach()
-    if out.shape[1] == 1:
-        pred = (out[:, 0] > 0).long()
-        truth = (y.reshape(-1) > 0).long()
-    else:
-        pred, truth = out.argmax(1), y.reshape(-1).long()
-    return float((pred.cpu() == truth.cpu()).double().mean())
 
 
 @dataclasses.dataclass
@@ -162,18 +158,6 @@ def train(f: ModelFn, params: Mapping[str, torch.Tensor], batches: Sequence[tupl
     return TrainResult(params={k: out[k] for k in params}, losses=losses)
 
 
-def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b||_F / ||b||_F (float64)."""
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    den = float(torch.linalg.vector_norm(b))
-    return float(torch.linalg.vector_norm(a - b)) / den if den > 0 else float("nan")
-
-
-def kernel_distance(k0: torch.Tensor, kT: torch.Tensor) -> float:
-    """Relative kernel movement ||K_T - K_0||_F / ||K_0||_F."""
-    return relative_distance(kT, k0)
-
-
 @dataclasses.dataclass
 class LinearizationReport:
     """Fine-tuning vs its linearisation, evaluated on ``eval_data``.
@@ -185,7 +169,8 @@ class LinearizationReport:
         gain_recovered: (acc_lin - acc_0) / (acc_ft - acc_0); NaN when fine-tuning gains nothing.
         output_distance: ||f_T - f_lin_T||_F / ||f_T - f_0||_F on the eval inputs (0: identical dynamics).
         prediction_agreement: share of eval examples where f_T and f_lin_T predict the same class.
-        kernel_distance: ||K(theta_T) - K(theta_0)||_F / ||K(theta_0)||_F on ``kernel_inputs`` (NaN if not asked).
+        kernel_rel_change: ||K(theta_T) - K(theta_0)||_F / ||K(theta_0)||_F on ``kernel_inputs`` (NaN if not
+            asked; :func:`theory.metrics.kernel_rel_change`).
         train_losses, train_losses_linearized: per-step training losses.
         params_finetuned, params_linearized: trained parameters.
     """
@@ -199,7 +184,7 @@ class LinearizationReport:
     gain_recovered: float
     output_distance: float
     prediction_agreement: float
-    kernel_distance: float
+    kernel_rel_change: float
     train_losses: list[float]
     train_losses_linearized: list[float]
     params_finetuned: dict[str, torch.Tensor] = dataclasses.field(repr=False)
@@ -239,8 +224,6 @@ def linearization_report(f: ModelFn, params0: Mapping[str, torch.Tensor], train_
     x_eval, y_eval = eval_data
 
     def evaluate(fn, params):
-        from theory.ntk import batch_size_of, slice_batch
-
         n = batch_size_of(x_eval, "eval inputs")
         bs = eval_batch_size or n
         with torch.no_grad():
@@ -264,12 +247,12 @@ def linearization_report(f: ModelFn, params0: Mapping[str, torch.Tensor], train_
         opts.setdefault("params_subset", params_subset)
         k0 = empirical_ntk(f, p0, kernel_inputs, **opts).kernel
         kT = empirical_ntk(f, ft.params, kernel_inputs, **opts).kernel
-        kdist = kernel_distance(k0, kT)
+        kdist = kernel_rel_change(k0, kT)
     losses = [float(loss_value(o, y_eval, loss)) for o in (out0, outT, outL)]
     return LinearizationReport(
         acc_zero_shot=accs[0], acc_finetuned=accs[1], acc_linearized=accs[2],
         loss_zero_shot=losses[0], loss_finetuned=losses[1], loss_linearized=losses[2],
         gain_recovered=recovered, output_distance=output_distance, prediction_agreement=agree,
-        kernel_distance=kdist, train_losses=ft.losses, train_losses_linearized=lin.losses,
+        kernel_rel_change=kdist, train_losses=ft.losses, train_losses_linearized=lin.losses,
         params_finetuned=ft.params, params_linearized=lin.params,
     )

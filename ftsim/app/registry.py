@@ -1,6 +1,8 @@
-"""Where the command line finds experiments, verifiers and figures (imported lazily, by name).
+"""Where the command line finds experiments and verifiers: a name maps to a ``"module:attribute"`` target and
+nothing else (everything else -- presets, figures, help, place in ``ftsim reproduce`` -- is declared by the
+:class:`~ftsim.core.experiment.Experiment` or :class:`~ftsim.core.experiment.Verifier` value itself).
 
-Values are ``"module:attribute"`` strings so that ``ftsim --help`` does not import torch or transformers.
+Targets are strings so that ``ftsim --help`` imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -8,40 +10,42 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# name -> (target, one-line help)
-EXPERIMENTS: dict[str, tuple[str, str]] = {
-    "wei2021-exp1": ("simulate.wei2021.experiments:EXP1",
-                     "Wei et al. 2021 exp. 1: prompt vs head tuning accuracy vs number of hidden states"),
-    "wei2021-exp2": ("simulate.wei2021.experiments:EXP2",
-                     "Wei et al. 2021 exp. 2: memory HMM + attention head vs vanilla HMM + linear head"),
-    "ntk-width": ("simulate.ntk_width:EXPERIMENT",
-                  "eNTK engine demo: MLPs of growing width approach kernel gradient flow"),
-    "malladi": ("real_tasks.malladi:EXPERIMENT",
-                "Malladi et al. 2023: prompt-based fine-tuning vs eNTK on a real pretrained LM"),
+from ftsim.core.errors import InputError
+
+__all__ = ["EXPERIMENTS", "VERIFIERS", "load", "experiment", "verifier"]
+
+# Order is the order of ``ftsim reproduce``'s summary (verifiers first, then experiments).
+VERIFIERS: dict[str, str] = {
+    "hmm": "simulate.verify:VERIFIER",
+    "wei2021": "simulate.wei2021.verify:VERIFIER",
+    "ntk": "simulate.ntk_width:VERIFIER",
 }
 
-# name -> (target returning list[Claim], one-line help); target signature: fn(quick: bool, seed: int)
-VERIFIERS: dict[str, tuple[str, str]] = {
-    "hmm": ("simulate.verify:verify_hmm",
-            "exact HMM inference vs brute force and hmmlearn; sampler vs exact marginals"),
-    "wei2021": ("simulate.wei2021.verify:verify",
-                "Wei et al. 2021 oracles: head tuning, prompt tuning, memory (exact posteriors)"),
-    "ntk": ("simulate.ntk_width:verify",
-            "eNTK engine: implementations agree, kernel regimes, width -> kernel gradient flow"),
-}
-
-# experiment name -> target ``fn(run_dir: Path) -> list[Path]`` that redraws that run's figures from its tables
-FIGURES: dict[str, str] = {
-    "wei2021-exp1": "figures.wei2021:redraw",
-    "wei2021-exp2": "figures.wei2021:redraw",
-    "ntk-width": "figures.ntk:redraw",
-    "malladi": "figures.malladi:redraw",
+EXPERIMENTS: dict[str, str] = {
+    "hmm-exactness": "simulate.verify:EXACTNESS",
+    "wei2021-exp1": "simulate.wei2021.experiments:EXP1",
+    "wei2021-exp2": "simulate.wei2021.experiments:EXP2",
+    "ntk-width": "simulate.ntk_width:EXPERIMENT",
+    "malladi": "real_tasks.malladi:EXPERIMENT",
 }
 
 
 def load(target: str) -> Any:
+    """The object a ``"module:attribute"`` target names."""
     module, _, attr = target.partition(":")
     obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def experiment(name: str):
+    if name not in EXPERIMENTS:
+        raise InputError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}", field="name")
+    return load(EXPERIMENTS[name])
+
+
+def verifier(name: str):
+    if name not in VERIFIERS:
+        raise InputError(f"unknown verifier {name!r}; choose from {', '.join(VERIFIERS)}", field="name")
+    return load(VERIFIERS[name])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Sequence
 
-__all__ = ["Claim", "format_claims", "claims_passed"]
+__all__ = ["Claim", "format_claims", "claims_passed", "claims_markdown"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,13 @@ class Claim:
     def row(self) -> dict[str, Any]:
         return {"claim": self.claim, "setting": self.setting, "measured": self.measured,
                 "verdict": self.verdict, "source": self.source}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Claim":
+        """The claim back from :meth:`row`."""
+        if row.get("verdict") not in ("PASS", "FAIL"):
+            raise ValueError(f"claim row has verdict {row.get('verdict')!r}, expected PASS or FAIL")
+        return cls(row["claim"], row["setting"], row["measured"], row["verdict"] == "PASS", row.get("source", ""))
 
 
 def claims_passed(claims: Iterable[Claim]) -> bool:

@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
+from ftsim.core.errors import InputError
 from ftsim.core.io import stable_hash, to_jsonable
 
 __all__ = ["add_config_arguments", "config_from_args", "config_hash", "config_from_dict", "parse_value"]
@@ -82,14 +83,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, presets: Ma
     """Add ``--preset`` and one flag per field of the dataclass ``cls`` (default: keep the preset's value)."""
     hints = typing.get_type_hints(cls)
     parser.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
-                        help="named preset the flags below override (default: %(default)s)")
-    group = parser.add_argument_group("config fields (override the preset)")
+                        help=f"named preset the flags below override: {' | '.join(presets)} (default: "
+                             f"{next(iter(presets))})")
+    group = parser.add_argument_group("config fields (each overrides the preset; [each preset's value])")
     for field in dataclasses.fields(cls):
         if not field.init:
             continue
         tp = hints[field.name]
         shown = {name: to_jsonable(getattr(p, field.name)) for name, p in presets.items()}
-        values = "; ".join(f"{k}={v}" for k, v in shown.items())
+        values = "; ".join(f"{k}: {_short(v)}" for k, v in shown.items())
         help_text = _field_help(cls, field)
         group.add_argument(
             "--" + field.name.replace("_", "-"),
@@ -100,16 +102,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, presets: Ma
         )
 
 
+def _short(v: Any, width: int = 40) -> str:
+    text = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def config_from_args(cls: type[C], presets: Mapping[str, C], args: argparse.Namespace) -> C:
-    """The chosen preset with every given flag applied, validated by the dataclass's ``__post_init__``."""
+    """The chosen preset with every given flag applied, validated by the dataclass's ``__post_init__``.
+
+    Raises:
+        InputError: naming the field whose value does not parse or does not validate.
+    """
     base = presets[args.preset]
     hints = typing.get_type_hints(cls)
     overrides = {}
     for field in dataclasses.fields(cls):
         raw = getattr(args, f"cfg__{field.name}", None)
         if raw is not None:
-            overrides[field.name] = parse_value(hints[field.name], raw, "--" + field.name.replace("_", "-"))
-    return dataclasses.replace(base, **overrides)
+            try:
+                overrides[field.name] = parse_value(hints[field.name], raw, field.name)
+            except (ValueError, TypeError) as exc:
+                msg = str(exc)
+                msg = msg[len(field.name) + 2:] if msg.startswith(field.name + ": ") else msg
+                raise InputError(msg, field=field.name) from None
+    try:
+        return dataclasses.replace(base, **overrides)
+    except InputError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise InputError(str(exc)) from None
 
 
 def config_from_dict(cls: type[C], data: Mapping[str, Any], source: str = "config") -> C:

@@ -1,25 +1,32 @@
-"""The experiment protocol: a frozen config with presets, a run function, and a run directory per config.
+"""The experiment protocol: what an experiment or a verifier declares, and what a run function gets.
 
-An experiment module exposes an :class:`Experiment`. ``ftsim run NAME --preset P [--field value ...]``
-builds the config, derives its run directory ``<results>/<NAME>/<P>-<hash>/`` from the config, writes
-``config.json`` there, and calls ``experiment.run(config, ctx)``, which writes tidy results (JSONL + CSV) and
-figures (PDF + PNG) into ``ctx.out_dir``. Units of work go through ``ctx.store`` (a :class:`ResultStore`), so
-a killed run resumes where it stopped.
+An experiment module declares one :class:`Experiment` value: its config dataclass and named presets, the run
+function, the figures drawn from its tables, the verifier of its line of theory, and the presets that
+``ftsim reproduce`` runs. A verifier module declares one :class:`Verifier`: a tuple of claim functions, each
+``claim(quick: bool, seed: int) -> Claim | list[Claim]``, used by ``ftsim verify`` and by the tests alike.
+The application (:mod:`ftsim.app.runner`) builds the run directory from the config, calls ``run(config, ctx)``,
+then draws the declared figures from the stored tables; experiments never import figure code.
+
+A run function splits its work into units (:meth:`RunContext.unit`), each a pure function of a JSON description of
+its inputs, stored in the shared content-addressed cache (:mod:`ftsim.core.cache`): a killed run resumes where it
+stopped, and runs that share units compute them once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-import ftsim
-from ftsim.core.config import config_hash
-from ftsim.core.io import ResultStore, cache_root, read_json, results_root, to_jsonable, write_json
+from ftsim.core.cache import Unit, UnitCache, unit_key
+from ftsim.core.claims import Claim
 
-__all__ = ["Experiment", "RunContext", "resolve_device", "run_experiment", "run_dir_for"]
+__all__ = ["Experiment", "Verifier", "RunContext", "resolve_device", "DeviceError"]
+
+
+class DeviceError(ValueError):
+    """A device was requested that this machine does not have."""
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -28,78 +35,107 @@ def resolve_device(name: str = "auto") -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but torch.cuda.is_available() is False")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: no CUDA device is visible (torch.cuda.is_available() is False); "
+                              f"use --device cpu or auto")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise DeviceError(f"--device {name}: {torch.cuda.device_count()} CUDA device(s) visible")
+        return name
+    if name != "cpu":
+        raise DeviceError(f"--device {name!r}: use auto, cpu, cuda or cuda:<index>")
     return name
 
 
 @dataclasses.dataclass
 class RunContext:
-    """What a run function gets besides its config."""
+    """What a run function gets besides its config: where to write tables, the unit cache, and how to run."""
 
     out_dir: Path
-    cache_dir: Path
+    cache: UnitCache
     overwrite: bool = False
     device: str = "cpu"
     progress: bool = True
     preset: str = "custom"
+    units_used: list[dict] = dataclasses.field(default_factory=list)
+
+    def unit(self, kind: str, version: int | str, inputs: Any, compute: Callable[[Any], Any]) -> Unit:
+        """The unit (kind, version, inputs) from the cache, or computed by ``compute(workdir)`` and stored
+        (see :meth:`ftsim.core.cache.UnitCache.get_or_compute`). ``--overwrite`` recomputes the units of this run
+        once (a unit asked for twice in one run is computed the first time only)."""
+        key = unit_key(kind, version, inputs)
+        fresh = self.overwrite and key.digest not in {u["digest"] for u in self.units_used}
+        t0 = time.perf_counter()
+        unit = self.cache.get_or_compute(key, compute, overwrite=fresh)
+        self.units_used.append({"kind": kind, "digest": key.digest, "seconds": unit.seconds,
+                                "read_seconds": round(time.perf_counter() - t0, 3)})
+        return unit
 
     @property
-    def store(self) -> ResultStore:
-        """Per-unit results of this run (resumable)."""
-        return ResultStore(self.out_dir / "units")
+    def compute_seconds(self) -> float:
+        """Seconds the units of this run took when they were computed (by this run or an earlier one)."""
+        seen: dict[str, float] = {}
+        for u in self.units_used:
+            seen.setdefault(u["digest"], float(u["seconds"] or 0.0))
+        return sum(seen.values())
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
+    """An experiment: config and presets, run function, figures, verifier, and its place in ``ftsim reproduce``.
+
+    Attributes:
+        name: the name on the command line (``ftsim run NAME``).
+        config_cls: a frozen dataclass; its fields become flags.
+        presets: name -> config (the first is the default; ``quick`` runs on a 2-core CPU, ``paper`` is the
+            paper's setting).
+        run: ``run(config, ctx) -> summary`` writes tidy tables into ``ctx.out_dir`` and returns a JSON summary
+            with a one-line ``headline``.
+        figures: ``"module:function"`` targets ``fn(run_dir) -> list[Path]`` that draw from the stored tables.
+        verifier: the name of the verifier of this line of theory (``ftsim verify NAME``), if any.
+        reproduce: presets of this experiment that ``ftsim reproduce --preset P`` runs.
+        help: a paragraph for ``ftsim run NAME --help``; the first line is its one-line summary.
+    """
+
     name: str
     config_cls: type
     presets: Mapping[str, Any]
     run: Callable[[Any, RunContext], Mapping[str, Any]]
+    figures: tuple[str, ...] = ()
+    verifier: str | None = None
+    reproduce: tuple[str, ...] = ()
     help: str = ""
 
+    @property
+    def summary_line(self) -> str:
+        return self.help.strip().splitlines()[0] if self.help.strip() else self.name
 
-def run_dir_for(name: str, config: Any, preset: str, root: Path | None = None) -> Path:
-    root = results_root() if root is None else Path(root)
-    return root / name / f"{preset}-{config_hash(config)}"
 
+@dataclasses.dataclass(frozen=True)
+class Verifier:
+    """A line of theory's numerical checks: claim functions shared by ``ftsim verify`` and the tests.
 
-def run_experiment(
-    experiment: Experiment,
-    config: Any,
-    *,
-    preset: str = "custom",
-    root: Path | None = None,
-    overwrite: bool = False,
-    device: str = "auto",
-    progress: bool = True,
-) -> tuple[Path, Mapping[str, Any]]:
-    """Run ``experiment`` with ``config`` in its run directory; return the directory and the summary.
-
-    A finished run (``summary.json`` present, same config) is reused unless ``overwrite``; an unfinished
-    one resumes from its stored units.
+    Attributes:
+        name: ``ftsim verify NAME``.
+        claims: functions ``claim(quick: bool, seed: int) -> Claim | list[Claim]``.
+        reproduce: presets of ``ftsim reproduce`` that run it.
+        help: one paragraph; the first line is the summary.
     """
-    if preset in experiment.presets and experiment.presets[preset] != config:
-        preset = f"{preset}+custom"
-    out_dir = run_dir_for(experiment.name, config, preset, root)
-    summary_path = out_dir / "summary.json"
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
-    if summary_path.exists():
-        stored = read_json(out_dir / "config.json")
-        if stored.get("config") == to_jsonable(config):
-            return out_dir, read_json(summary_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "config.json", {
-        "experiment": experiment.name, "preset": preset, "config": config,
-        "config_hash": config_hash(config), "ftsim_version": ftsim.__version__,
-    })
-    root_path = results_root() if root is None else Path(root)
-    ctx = RunContext(out_dir=out_dir, cache_dir=(cache_root() if root is None else root_path / "cache"),
-                     overwrite=overwrite, device=resolve_device(device), progress=progress, preset=preset)
-    t0 = time.perf_counter()
-    summary = dict(experiment.run(config, ctx))
-    summary.setdefault("wall_seconds", round(time.perf_counter() - t0, 3))
-    summary.setdefault("device", ctx.device)
-    write_json(summary_path, summary)
-    return out_dir, summary
+
+    name: str
+    claims: tuple[Callable[[bool, int], Claim | Sequence[Claim]], ...]
+    reproduce: tuple[str, ...] = ("quick", "paper")
+    help: str = ""
+
+    @property
+    def summary_line(self) -> str:
+        return self.help.strip().splitlines()[0] if self.help.strip() else self.name
+
+    def check(self, quick: bool = True, seed: int = 0) -> list[Claim]:
+        """Every claim, in order."""
+        out: list[Claim] = []
+        for fn in self.claims:
+            got = fn(quick, seed)
+            out.extend([got] if isinstance(got, Claim) else list(got))
+        return out

@@ -32,10 +32,28 @@ __all__ = [
     "to_jsonable",
     "write_table",
     "read_jsonl",
-    "ResultStore",
     "results_root",
     "cache_root",
+    "default_file_mode",
+    "current_umask",
 ]
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask would, briefly, for every
+    thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets from ``open()`` under the current umask (0o666 & ~umask)."""
+    return 0o666 & ~current_umask()
 
 
 def results_root() -> Path:
@@ -62,6 +80,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; a result file gets what open() would give it
         with os.fdopen(fd, mode, encoding=encoding if mode == "w" else None,
                        newline="" if mode == "w" else None) as fh:
             yield fh
@@ -180,44 +199,3 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
     return rows
-
-
-class ResultStore:
-    """A directory of small JSON records, one per unit of work, for resumable runs.
-
-    ``put(key, record)`` writes ``<dir>/<key>.json`` atomically; ``get(key)`` returns it or ``None``. A run
-    that is killed and restarted asks ``get`` first and skips what is already done.
-
-    Keys are file-name safe strings (letters, digits, ``-_.=,``); anything else is rejected so that two keys
-    never map to one file.
-    """
-
-    _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.=,+")
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: str) -> Path:
-        bad = set(key) - self._SAFE
-        if not key or bad or key.startswith("."):
-            raise ValueError(f"result key {key!r} has characters outside [A-Za-z0-9-_.=,+]: {sorted(bad)}")
-        return self.directory / f"{key}.json"
-
-    def get(self, key: str) -> dict | None:
-        path = self._path(key)
-        if not path.exists():
-            return None
-        return read_json(path)
-
-    def put(self, key: str, record: Mapping[str, Any]) -> None:
-        write_json(self._path(key), dict(record))
-
-    def __contains__(self, key: str) -> bool:
-        return self._path(key).exists()
-
-    def keys(self) -> list[str]:
-        return sorted(p.stem for p in self.directory.glob("*.json") if not p.name.startswith("."))
-
-    def rows(self) -> list[dict]:
-        return [self.get(k) for k in self.keys()]  # type: ignore[misc]

@@ -7,10 +7,9 @@ seeds, with the exact oracles on the same axes.
 ``ftsim run wei2021-exp2 --preset quick|paper``: a memory HMM (4 syntax states x N memory values) with an
 attention head over per-position outputs vs a vanilla HMM with as many states and a linear head on G_0.
 
-Units of work (one (HMM, task) oracle bundle, one pretraining curve, one (HMM, task, model, method)
-tuning run) go through ``ctx.store``: a killed run resumes. Pretraining checkpoints and corpora are cached
-under ``ctx.cache_dir`` by a hash of what produced them, so the two experiments share the vanilla models
-they have in common, and reruns reuse them.
+Units of work (one (HMM, task) oracle bundle, one pretrained model with its TV curve, one (HMM, task, model)
+tuning run) go through the shared unit cache (``ctx.unit``): a killed run resumes, and the two experiments share
+the corpora and vanilla models they have in common.
 """
 
 from __future__ import annotations
@@ -168,15 +167,18 @@ EXP2_PRESETS = OrderedDict(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _setup_torch(ctx: RunContext) -> None:
+def _threads(ctx: RunContext):
     """One intra-op thread on CPU unless $FTSIM_THREADS says otherwise (at most 2 on the reference machine).
 
     The quick models are tiny (64-wide): a second thread buys little, and when the two cores are shared with
     other jobs, two spinning OpenMP threads made pretraining up to 10x slower in our measurements."""
-    import torch
+    import contextlib
 
-    if ctx.device == "cpu":
-        torch.set_num_threads(max(1, int(os.environ.get("FTSIM_THREADS", "1"))))
+    from ftsim.core.threads import limit_threads
+
+    if ctx.device != "cpu":
+        return contextlib.nullcontext()
+    return limit_threads(max(1, int(os.environ.get("FTSIM_THREADS", "1"))))
 
 
 def _splits(data, cfg: _Common):
@@ -189,8 +191,17 @@ def _data_seed(hmm_seed: int, task_seed: int, tag: str) -> int:
     return derive_seed(hmm_seed, task_seed, tag)
 
 
+UNIT_VERSIONS = {"oracle-exp1": 1, "oracle-exp2": 1, "tuning": 1}  # bump when a unit's computation changes
+
+
+def _unit_inputs(cfg: _Common, **coords) -> dict:
+    """A unit's inputs: every field of the config except the sweep axes, plus the unit's coordinates."""
+    sweep = {"num_states", "causal_num_states", "hmm_seeds", "task_seeds", "num_memory"}
+    return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sweep}, **coords}
+
+
 class _Models:
-    """Lazily pretrained models of one run (pretraining happens only if a unit needs the model)."""
+    """Pretrained models of one run, from the cache (pretraining happens only when a model is not cached)."""
 
     def __init__(self, cfg: _Common, ctx: RunContext):
         self.cfg, self.ctx, self.cache = cfg, ctx, {}
@@ -201,39 +212,33 @@ class _Models:
         key = (spec, causal)
         if key not in self.cache:
             self.cache[key] = pretrain(spec, self.cfg.seq_len, self.cfg.pretrain_config(causal, spec.seed),
-                                       self.ctx.cache_dir, eval_length=self.cfg.length,
-                                       device=self.ctx.device, progress=self.ctx.progress,
-                                       overwrite=self.ctx.overwrite)
+                                       self.ctx.cache, eval_length=self.cfg.length, device=self.ctx.device,
+                                       progress=self.ctx.progress, overwrite=self.ctx.overwrite)
+            pre = self.cache[key]
+            self.ctx.units_used.append({"kind": "wei2021.pretrain", "digest": pre.path.name, "seconds": pre.seconds,
+                                        "read_seconds": None})
         return self.cache[key]
 
-    def curve_unit(self, store, name: str, spec, causal: bool, extra: dict) -> dict:
-        key = f"curve-{name}-model={'causal' if causal else 'mlm'}"
-        rec = store.get(key)
-        if rec is None:
-            pre = self.get(spec, causal)
-            rec = {"curve": pre.curve, "seconds": pre.seconds, "reused": pre.reused, "checkpoint": str(pre.path),
-                   "num_parameters": pre.model.num_parameters(), **extra,
-                   "model": "causal" if causal else "mlm"}
-            store.put(key, rec)
-        return rec
-
-
-def _curve_rows(rec: dict) -> list[dict]:
-    keep = {k: v for k, v in rec.items() if k not in ("curve", "checkpoint")}
-    return [{**keep, **row} for row in rec["curve"]]
+    def curve_rows(self, spec, causal: bool, extra: dict) -> list[dict]:
+        pre = self.get(spec, causal)
+        keep = {"seconds": pre.seconds, "num_parameters": pre.model.num_parameters(), **extra,
+                "model": "causal" if causal else "mlm"}
+        return [{**keep, **row} for row in pre.curve]
 
 
 def _mean_table(rows: list[dict], x: str, group: tuple[str, ...]) -> list[dict]:
-    from theory.wei2021 import summarize
+    """Mean, sample std, min, max, n and 95% CI (percent) of accuracy per (x, group) (ftsim.core.tables)."""
+    from ftsim.core.tables import summarize
 
     out: dict[tuple, list[float]] = {}
     for r in rows:
         out.setdefault((r[x], *[r[g] for g in group]), []).append(r["accuracy"])
     table = []
     for key, vals in sorted(out.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
-        s = summarize(vals)
-        table.append({x: key[0], **dict(zip(group, key[1:])), "mean": 100 * s["mean"], "std": 100 * s["std"],
-                      "min": 100 * s["min"], "max": 100 * s["max"], "n": s["n"]})
+        st = summarize(vals)
+        table.append({x: key[0], **dict(zip(group, key[1:])), "mean": 100 * st.mean, "std": 100 * st.std,
+                      "min": 100 * min(vals), "max": 100 * max(vals), "n": st.n,
+                      "ci_low": 100 * st.ci_low, "ci_high": 100 * st.ci_high})
     return table
 
 
@@ -244,27 +249,28 @@ def _mean_table(rows: list[dict], x: str, group: tuple[str, ...]) -> list[dict]:
 
 def run_exp1(cfg: Exp1Config, ctx: RunContext) -> dict:
     """Run experiment 1 (see the module docstring); returns the summary with a headline."""
-    from ftsim.core.progress import bar as tqdm
+    with _threads(ctx):
+        return _run_exp1(cfg, ctx)
 
+
+def _run_exp1(cfg: Exp1Config, ctx: RunContext) -> dict:
+    from ftsim.core.progress import bar
     from simulate.wei2021.oracles import downstream_data, exact_exp1_oracles, wei2021_task
     from simulate.wei2021.pretrain import HMMSpec
     from simulate.wei2021.tuning import head_tuning, prompt_tuning
 
-    _setup_torch(ctx)
     t0 = time.perf_counter()
-    store = ctx.store
     models = _Models(cfg, ctx)
     tcfg = cfg.tuning_config()
     results: list[dict] = []
     curves: list[dict] = []
     diags: list[dict] = []
     units = [(m, hs) for m in cfg.num_states for hs in cfg.hmm_seeds]
-    for m, hs in tqdm(units, desc="wei2021-exp1 (m, hmm seed)", disable=not ctx.progress):
+    for m, hs in bar(units, desc="wei2021-exp1 (m, hmm seed)", disable=not ctx.progress):
         spec = HMMSpec.make("wei2021", hs, num_states=m, vocab_size=cfg.vocab_size)
         variants = [False] + ([True] if m in cfg.causal_num_states else [])
         for causal in variants:
-            curves.extend(_curve_rows(models.curve_unit(store, f"m={m},hmm={hs}", spec, causal,
-                                                        {"num_states": m, "hmm_seed": hs})))
+            curves.extend(models.curve_rows(spec, causal, {"num_states": m, "hmm_seed": hs}))
         for ts in cfg.task_seeds:
             base = {"num_states": m, "hmm_seed": hs, "task_seed": ts}
             data = None
@@ -278,40 +284,39 @@ def run_exp1(cfg: Exp1Config, ctx: RunContext) -> dict:
                     data = (hmm, mu, *_splits(full, cfg))
                 return data
 
-            okey = f"oracle-m={m},hmm={hs},task={ts}"
-            rec = store.get(okey)
-            if rec is None or "prompt_oracle_token" not in rec:  # (units stored before the token oracle existed)
+            def oracle(work):
                 hmm, mu, tr, _, te = get_data()
                 sub = tr.split((cfg.oracle_train,))[0]
-                rec = {**base, **exact_exp1_oracles(hmm, mu, sub, te, seed=ts, restarts=cfg.oracle_restarts,
-                                                    steps=cfg.oracle_steps), "mu": mu.tolist()}
-                store.put(okey, rec)
+                return {**base, **exact_exp1_oracles(hmm, mu, sub, te, seed=ts, restarts=cfg.oracle_restarts,
+                                                     steps=cfg.oracle_steps), "mu": mu.tolist()}
+
+            rec = ctx.unit("wei2021.oracle-exp1", UNIT_VERSIONS["oracle-exp1"],
+                           _unit_inputs(cfg, num_states=m, hmm_seed=hs, task_seed=ts), oracle).result
             diags.append({k: v for k, v in rec.items() if k != "mu"})
             for method in ("head_oracle", "head_certificate", "prompt_oracle_identity", "prompt_oracle_reversal",
                            "prompt_oracle_token", "prompt_certificate"):
                 results.append({**base, "model": "exact", "method": method, "accuracy": rec[method]})
             for causal in variants:
                 mname = "causal" if causal else "mlm"
-                keys = {meth: f"learned-m={m},hmm={hs},task={ts},model={mname},method={meth}"
-                        for meth in ("head", "prompt")}
-                recs = {meth: store.get(k) for meth, k in keys.items()}
-                if any(r is None for r in recs.values()):
+
+                def tune(work, causal=causal):
                     hmm, mu, tr, va, te = get_data()
                     model = models.get(spec, causal).model
                     t1 = time.perf_counter()
                     head = head_tuning(model, tr, va, te, tcfg, ctx.device)
-                    th = time.perf_counter() - t1
-                    if recs["head"] is None:
-                        recs["head"] = {k: head[k] for k in ("train_accuracy", "val_accuracy", "test_accuracy", "l2")}
-                        recs["head"]["seconds"] = round(th, 2)
-                        store.put(keys["head"], recs["head"])
-                    if recs["prompt"] is None:
-                        t1 = time.perf_counter()
-                        pr = prompt_tuning(model, tr, va, te, tcfg, seed=_data_seed(hs, ts, "prompt"),
-                                           head_init=head, device=ctx.device, progress=ctx.progress)
-                        recs["prompt"] = {**pr, "seconds": round(time.perf_counter() - t1, 2)}
-                        store.put(keys["prompt"], recs["prompt"])
-                for meth, r in recs.items():
+                    out = {"head": {k: head[k] for k in ("train_accuracy", "val_accuracy", "test_accuracy", "l2")}}
+                    out["head"]["seconds"] = round(time.perf_counter() - t1, 2)
+                    t1 = time.perf_counter()
+                    pr = prompt_tuning(model, tr, va, te, tcfg, seed=_data_seed(hs, ts, "prompt"), head_init=head,
+                                       device=ctx.device, progress=ctx.progress)
+                    out["prompt"] = {**pr, "seconds": round(time.perf_counter() - t1, 2)}
+                    return out
+
+                recs = ctx.unit("wei2021.tuning", UNIT_VERSIONS["tuning"],
+                                _unit_inputs(cfg, experiment=1, num_states=m, hmm_seed=hs, task_seed=ts,
+                                             model=mname, device=ctx.device), tune).result
+                for meth in ("head", "prompt"):
+                    r = recs[meth]
                     results.append({**base, "model": mname, "method": meth, "accuracy": r["test_accuracy"],
                                     "train_accuracy": r["train_accuracy"], "val_accuracy": r["val_accuracy"]})
                 if recs["prompt"].get("prompt_init") == "token":
@@ -325,22 +330,44 @@ def run_exp1(cfg: Exp1Config, ctx: RunContext) -> dict:
     write_table(ctx.out_dir / "diagnostics", diags)
     means = _mean_table(results, "num_states", ("model", "method"))
     write_table(ctx.out_dir / "means", means)
-    from figures.wei2021 import draw_exp1
+    diffs = _paired_rows(results, "num_states", ("mlm",), "prompt", "head")
+    write_table(ctx.out_dir / "differences", diffs)
+    return _summary1(means, diffs, time.perf_counter() - t0)
 
-    figs = draw_exp1(results, curves, ctx.out_dir / "wei2021_exp1")
-    return _summary1(means, figs, time.perf_counter() - t0)
+
+def _paired_rows(results: list[dict], x: str, models: tuple[str, ...], a: str, b: str,
+                 by: tuple[str, ...] = ()) -> list[dict]:
+    """Paired differences accuracy(a) - accuracy(b) (points) per value of ``x`` (and ``by``), pairs matched on
+    (HMM seed, task seed): mean, sample std, n and 95% t interval -- what a statement "a beats b" rests on."""
+    from ftsim.core.tables import paired_difference
+
+    out = []
+    keys = sorted({(r[x], *[r.get(g) for g in by]) for r in results if r.get("model") in models})
+    for key in keys:
+        for model in models:
+            sel = [r for r in results if r[x] == key[0] and r.get("model") == model
+                   and all(r.get(g) == v for g, v in zip(by, key[1:]))]
+            pts = [{**r, "value": 100 * r["accuracy"]} for r in sel]
+            st = paired_difference(pts, "method", a, b, ("hmm_seed", "task_seed"))
+            if st.n:
+                out.append({x: key[0], **dict(zip(by, key[1:])), "model": model, "a": a, "b": b,
+                            **st.row(), "excludes_zero": st.excludes_zero})
+    return out
 
 
-def _summary1(means: list[dict], figs: list, seconds: float) -> dict:
+def _summary1(means: list[dict], diffs: list[dict], seconds: float) -> dict:
     get = {(r["num_states"], r["model"], r["method"]): r["mean"] for r in means}
+    dif = {r["num_states"]: r for r in diffs}
     ms = sorted({r["num_states"] for r in means})
     parts = []
     for m in ms:
         p, h = get.get((m, "mlm", "prompt")), get.get((m, "mlm", "head"))
         if p is not None and h is not None:
-            parts.append(f"m={m}: prompt {p:.1f} / head {h:.1f}")
-    return {"headline": "test acc % (MLM) " + "; ".join(parts), "figures": [str(f) for f in figs],
-            "seconds": round(seconds, 1)}
+            d = dif.get(m)
+            ci = (f" [diff {d['mean']:+.1f}, 95% CI {d['ci_low']:+.1f}..{d['ci_high']:+.1f}]"
+                  if d is not None and d["n"] > 1 else "")
+            parts.append(f"m={m}: prompt {p:.1f} / head {h:.1f}{ci}")
+    return {"headline": "test acc % (MLM) " + "; ".join(parts), "seconds": round(seconds, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,8 +377,12 @@ def _summary1(means: list[dict], figs: list, seconds: float) -> dict:
 
 def run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
     """Run experiment 2 (see the module docstring); returns the summary with a headline."""
-    from ftsim.core.progress import bar as tqdm
+    with _threads(ctx):
+        return _run_exp2(cfg, ctx)
 
+
+def _run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
+    from ftsim.core.progress import bar
     from simulate.wei2021.oracles import (
         downstream_data,
         memory_attention_oracle,
@@ -362,24 +393,21 @@ def run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
     from simulate.wei2021.tuning import attention_tuning, head_tuning
     from theory.wei2021 import head_oracle
 
-    _setup_torch(ctx)
     t0 = time.perf_counter()
-    store = ctx.store
     models = _Models(cfg, ctx)
     tcfg = cfg.tuning_config()
     results: list[dict] = []
     curves: list[dict] = []
     units = [(N, hs) for N in cfg.num_memory for hs in cfg.hmm_seeds]
-    for N, hs in tqdm(units, desc="wei2021-exp2 (N, hmm seed)", disable=not ctx.progress):
+    for N, hs in bar(units, desc="wei2021-exp2 (N, hmm seed)", disable=not ctx.progress):
         total = N * cfg.num_syntax
         specs = {
             "memory": HMMSpec.make("memory", hs, num_memory=N, num_syntax=cfg.num_syntax, vocab_size=cfg.vocab_size),
             "vanilla": HMMSpec.make("wei2021", hs, num_states=total, vocab_size=cfg.vocab_size),
         }
         for hmm_kind, spec in specs.items():
-            curves.extend(_curve_rows(models.curve_unit(store, f"{hmm_kind}-states={total},hmm={hs}", spec, False,
-                                                        {"total_states": total, "num_memory": N, "hmm": hmm_kind,
-                                                         "hmm_seed": hs})))
+            curves.extend(models.curve_rows(spec, False, {"total_states": total, "num_memory": N, "hmm": hmm_kind,
+                                                          "hmm_seed": hs}))
         for ts in cfg.task_seeds:
             base = {"total_states": total, "num_memory": N, "hmm_seed": hs, "task_seed": ts}
             cached: dict[str, Any] = {}
@@ -395,10 +423,7 @@ def run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
                     cached[kind] = (model, mu, *_splits(full, cfg))
                 return cached[kind]
 
-            # exact oracles
-            okey = f"oracle-states={total},hmm={hs},task={ts}"
-            rec = store.get(okey)
-            if rec is None:
+            def oracle(work):
                 model, mu, tr, _, te = get_data("memory")
                 sub = tr.split((cfg.oracle_train,))[0]
                 mem = memory_attention_oracle(model, sub, te, seed=ts, steps=cfg.attention_steps,
@@ -407,18 +432,18 @@ def run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
                 vmodel, vmu, vtr, _, vte = get_data("vanilla")
                 vsub = vtr.split((cfg.oracle_train,))[0]
                 _, _, van = head_oracle(vsub.G0, vsub.labels, vte.G0, vte.labels)
-                rec = {**base, **mem, "memory_linear_oracle": mem_linear, "vanilla_head_oracle": van,
-                       "memory_label_balance": float(te.labels.mean()), "vanilla_label_balance": float(vte.labels.mean())}
-                store.put(okey, rec)
+                return {**base, **mem, "memory_linear_oracle": mem_linear, "vanilla_head_oracle": van,
+                        "memory_label_balance": float(te.labels.mean()),
+                        "vanilla_label_balance": float(vte.labels.mean())}
+
+            rec = ctx.unit("wei2021.oracle-exp2", UNIT_VERSIONS["oracle-exp2"],
+                           _unit_inputs(cfg, num_memory=N, hmm_seed=hs, task_seed=ts), oracle).result
             for hmm_kind, method, key in (("memory", "attention", "memory_attention_oracle"),
                                           ("memory", "head", "memory_linear_oracle"),
                                           ("vanilla", "head", "vanilla_head_oracle")):
                 results.append({**base, "hmm": hmm_kind, "model": "exact", "method": method, "accuracy": rec[key]})
-            # learned
             for hmm_kind, method in (("memory", "attention"), ("memory", "head"), ("vanilla", "head")):
-                key = f"learned-{hmm_kind}-states={total},hmm={hs},task={ts},method={method}"
-                r = store.get(key)
-                if r is None:
+                def tune(work, hmm_kind=hmm_kind, method=method):
                     _, _, tr, va, te = get_data(hmm_kind)
                     model = models.get(specs[hmm_kind], False).model
                     t1 = time.perf_counter()
@@ -429,7 +454,11 @@ def run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
                         r = {k: v for k, v in head_tuning(model, tr, va, te, tcfg, ctx.device).items()
                              if k in ("train_accuracy", "val_accuracy", "test_accuracy", "l2")}
                     r["seconds"] = round(time.perf_counter() - t1, 2)
-                    store.put(key, r)
+                    return r
+
+                r = ctx.unit("wei2021.tuning", UNIT_VERSIONS["tuning"],
+                             _unit_inputs(cfg, experiment=2, num_memory=N, hmm_seed=hs, task_seed=ts, hmm=hmm_kind,
+                                          method=method, device=ctx.device), tune).result
                 results.append({**base, "hmm": hmm_kind, "model": "mlm", "method": method,
                                 "accuracy": r["test_accuracy"], "train_accuracy": r["train_accuracy"],
                                 "val_accuracy": r["val_accuracy"]})
@@ -437,21 +466,21 @@ def run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
     write_table(ctx.out_dir / "curves", curves)
     means = _mean_table(results, "total_states", ("hmm", "model", "method"))
     write_table(ctx.out_dir / "means", means)
-    from figures.wei2021 import draw_exp2
-
-    figs = draw_exp2(results, curves, ctx.out_dir / "wei2021_exp2")
     get = {(r["total_states"], r["hmm"], r["model"], r["method"]): r["mean"] for r in means}
     parts = [f"{s} states: memory+attn {get.get((s, 'memory', 'mlm', 'attention'), float('nan')):.1f} / "
              f"vanilla+linear {get.get((s, 'vanilla', 'mlm', 'head'), float('nan')):.1f}"
              for s in sorted({r['total_states'] for r in means})]
-    return {"headline": "test acc % " + "; ".join(parts), "figures": [str(f) for f in figs],
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {"headline": "test acc % " + "; ".join(parts), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-EXP1 = Experiment("wei2021-exp1", Exp1Config, EXP1_PRESETS, run_exp1,
-                  "Wei, Xie & Ma 2021, experiment 1: prompt tuning vs head tuning on a frozen pretrained masked LM\n"
-                  "(and a causal variant) as the number of hidden states m grows, with the exact oracles\n"
-                  "(head oracle, prompt oracles, the theorems' certificates) on the same figure.")
-EXP2 = Experiment("wei2021-exp2", Exp2Config, EXP2_PRESETS, run_exp2,
-                  "Wei, Xie & Ma 2021, experiment 2: memory HMM + attention head over per-position outputs vs\n"
-                  "vanilla HMM + linear head on G_0, at equal numbers of hidden states, with exact oracles.")
+EXP1 = Experiment(
+    "wei2021-exp1", Exp1Config, EXP1_PRESETS, run_exp1, figures=("figures.wei2021:redraw",), verifier="wei2021",
+    reproduce=("quick", "paper"),
+    help="Wei, Xie & Ma 2021, experiment 1: prompt tuning vs head tuning on a frozen pretrained masked LM\n"
+         "(and a causal variant) as the number of hidden states m grows, with the exact oracles\n"
+         "(head oracle, prompt oracles, the theorems' certificates) on the same figure.")
+EXP2 = Experiment(
+    "wei2021-exp2", Exp2Config, EXP2_PRESETS, run_exp2, figures=("figures.wei2021:redraw",), verifier="wei2021",
+    reproduce=("quick", "paper"),
+    help="Wei, Xie & Ma 2021, experiment 2: memory HMM + attention head over per-position outputs vs\n"
+         "vanilla HMM + linear head on G_0, at equal numbers of hidden states, with exact oracles.")

@@ -1,13 +1,10 @@
 """Pretraining small transformers on HMM corpora, with checkpoints cached by a hash of what produced them.
 
 A pretraining run is fixed by an :class:`HMMSpec` (preset, parameters, seed), the sequence length and a
-:class:`PretrainConfig`. Its corpus is written once with :func:`simulate.corpus.write_corpus` under
-``<cache>/wei2021/corpora/<preset>-<hash>`` and its checkpoint under ``<cache>/wei2021/pretrain/<hash>``:
-
-    model.safetensors   the state dict (safetensors: no pickle)
-    meta.json           configs, the TV curve, wall time (written last: a directory without it is unfinished)
-
-A rerun with the same spec and config loads both instead of training.
+:class:`PretrainConfig`. Its corpus and its checkpoint are units of the shared cache (:mod:`ftsim.core.cache`):
+the corpus unit holds the shards (:mod:`simulate.corpora`), the checkpoint unit ``model.safetensors`` (no pickle)
+and, as its JSON result, the configs, the TV curve and the wall time. A rerun with the same spec and config
+reads both (checked by SHA-256) instead of training.
 
 The TV curve: every ``eval_every`` steps the model's mask-position output on held-out sequences
 ``[MASK, x_1..x_T]`` is compared with the exact G_0(x) = P(X_0 | x_1..T) (forward-backward), and
@@ -27,17 +24,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftsim.core.io import read_json, stable_hash, write_json
-from simulate.corpus import CorpusError, CorpusSpec, load_corpus, write_corpus
+from ftsim.core.cache import UnitCache, unit_key
+from ftsim.core.io import stable_hash
+from simulate.corpora import corpus_unit
+from simulate.corpus import CorpusSpec
 from simulate.hmm import HMM, MemoryHMM, make_preset
 from simulate.inference import infer
 from simulate.sampling import sample
 from simulate.wei2021.models import SmallTransformer, TransformerConfig, cosine_lr, mask_probs
 from theory.wei2021 import total_variation
 
-__all__ = ["HMMSpec", "PretrainConfig", "Pretrained", "pretrain", "heldout_set", "derive_seed", "CACHE_VERSION"]
+__all__ = ["HMMSpec", "PretrainConfig", "Pretrained", "pretrain", "heldout_set", "derive_seed", "UNIT_VERSION"]
 
-CACHE_VERSION = 2
+UNIT_VERSION = 3  # bump when pretraining changes (2: the pre-cache checkpoints)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -143,17 +142,9 @@ def heldout_set(hmm: HMM | MemoryHMM, num: int, length: int, seed: int, lead: in
     return full[:, lead + 1:], post0 @ joint.emit
 
 
-def _corpus(spec: HMMSpec, length: int, num: int, seed: int, cache: Path, progress: bool) -> np.ndarray:
-    key = stable_hash({"hmm": spec.describe(), "length": length, "num": num, "seed": seed})
-    out = cache / "wei2021" / "corpora" / f"{spec.preset}-{key}"
-    if (out / "manifest.json").exists():
-        try:
-            return load_corpus(out).tokens()
-        except CorpusError:
-            pass  # unfinished or corrupt: regenerate
-    write_corpus(out, CorpusSpec(spec.preset, dict(spec.params), num_sequences=num, length=length, seed=seed,
-                                 hmm_seed=spec.seed), overwrite=True, progress=progress)
-    return load_corpus(out).tokens()
+def _corpus(spec: HMMSpec, length: int, num: int, seed: int, cache: UnitCache, progress: bool) -> np.ndarray:
+    cspec = CorpusSpec(spec.preset, dict(spec.params), num_sequences=num, length=length, seed=seed, hmm_seed=spec.seed)
+    return corpus_unit(cache, cspec, progress=progress)[1].tokens()
 
 
 def _mlm_loss(model: SmallTransformer, batch: torch.Tensor, cfg: PretrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -199,29 +190,13 @@ def _evaluate(model: SmallTransformer, observed: torch.Tensor, G0: np.ndarray) -
     return {"tv_mean": float(tv.mean()), "tv_median": float(np.median(tv))}
 
 
-def _save(path: Path, model: SmallTransformer, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=path)
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp)
-        os.replace(tmp, path / "model.safetensors")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    write_json(path / "meta.json", meta)
-
-
 def _load(path: Path, model: SmallTransformer) -> None:
     from safetensors.torch import load_file
 
-    state = load_file(path / "model.safetensors")
+    state = load_file(path)
     missing = set(model.state_dict()) ^ set(state)
     if missing:
-        raise ValueError(f"{path / 'model.safetensors'}: keys differ from the model: {sorted(missing)[:5]}")
+        raise ValueError(f"{path}: keys differ from the model: {sorted(missing)[:5]}")
     model.load_state_dict(state)
 
 
@@ -229,7 +204,7 @@ def pretrain(
     spec: HMMSpec,
     length: int,
     cfg: PretrainConfig,
-    cache_dir: Path,
+    cache: UnitCache,
     *,
     max_len: int | None = None,
     eval_length: int | None = None,
@@ -237,35 +212,54 @@ def pretrain(
     progress: bool = False,
     overwrite: bool = False,
 ) -> Pretrained:
-    """Pretrain (or load from the cache) a transformer on sequences of ``length`` tokens from ``spec``.
+    """Pretrain (or read from the cache) a transformer on sequences of ``length`` tokens from ``spec``.
 
     Args:
         spec: the HMM.
         length: T + 1, tokens x_0..x_T per sequence (the corpus has ``cfg.prompt_slots`` more in front).
         cfg: hyper-parameters; ``cfg.causal`` picks the right-to-left causal LM.
-        cache_dir: cache root (corpora and checkpoints below ``wei2021/``).
+        cache: the unit cache (corpus and checkpoint units).
         max_len: position embeddings (default length + cfg.prompt_slots).
         eval_length: T of the held-out inputs [slots, MASK, x_1..T] of the TV curve (default length - 1).
+        overwrite: retrain even if the checkpoint is cached.
     """
     max_len = length + cfg.prompt_slots if max_len is None else max_len
     eval_length = length - 1 if eval_length is None else eval_length
     hmm = spec.build()
     joint = hmm.as_hmm() if isinstance(hmm, MemoryHMM) else hmm
-    key = stable_hash({"version": CACHE_VERSION, "hmm": spec.describe(), "length": length, "max_len": max_len,
-                       "eval_length": eval_length, "cfg": dataclasses.asdict(cfg)})
-    path = Path(cache_dir) / "wei2021" / "pretrain" / f"{'causal' if cfg.causal else 'mlm'}-{key}"
-    model = SmallTransformer(cfg.model_config(joint.vocab_size, max_len))
-    if (path / "meta.json").exists() and (path / "model.safetensors").exists() and not overwrite:
-        meta = read_json(path / "meta.json")
-        _load(path, model)
-        model.to(device).eval().requires_grad_(False)
-        return Pretrained(model, hmm, meta["curve"], path, True, float(meta["seconds"]))
+    described = {"hmm": spec.describe(), "length": length, "max_len": max_len, "eval_length": eval_length,
+                 "cfg": dataclasses.asdict(cfg)}
+    init_key = stable_hash({"version": 2, **described})  # the seed of the initial weights derives from it
+    key = unit_key("wei2021.pretrain", UNIT_VERSION, {**described, "device": torch.device(device).type})
+    # The initial weights are a function of the seed alone (before version 3 they were drawn from the global RNG
+    # as whatever ran earlier in the process had left it, so a model depended on which units were cached).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "init", init_key))
+        model = SmallTransformer(cfg.model_config(joint.vocab_size, max_len))
+    reused = not overwrite and cache.get(key) is not None
 
+    def compute(work):
+        meta = _train(model, spec, hmm, length, cfg, cache, eval_length, device, progress, init_key)
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(work.path / "model.safetensors"))
+        return meta
+
+    unit = cache.get_or_compute(key, compute, overwrite=overwrite)
+    if reused:
+        _load(unit.file("model.safetensors"), model)
+    model.to(device).eval().requires_grad_(False)
+    return Pretrained(model, hmm, unit.result["curve"], unit.path, reused, float(unit.result["seconds"]))
+
+
+def _train(model: SmallTransformer, spec: HMMSpec, hmm, length: int, cfg: PretrainConfig, cache: UnitCache,
+           eval_length: int, device: str, progress: bool, init_key: str) -> dict:
+    """Train ``model`` in place; return the record (configs, TV curve, wall time)."""
     t0 = time.perf_counter()
-    torch.manual_seed(derive_seed(cfg.seed, "init", key))
     model.to(device).train()
     corpus = torch.as_tensor(_corpus(spec, length + cfg.prompt_slots, cfg.corpus_sequences,
-                                     derive_seed(cfg.seed, "corpus"), Path(cache_dir), progress).astype(np.int64))
+                                     derive_seed(cfg.seed, "corpus"), cache, progress).astype(np.int64))
     # The masked LM's empty slots are unobserved positions *before* x_0; the causal LM's come after x_T.
     observed, G0 = heldout_set(hmm, cfg.eval_sequences, eval_length, derive_seed(cfg.seed, "heldout", spec.seed),
                                lead=0 if cfg.causal else cfg.prompt_slots)
@@ -300,10 +294,7 @@ def pretrain(
             bar.set_postfix(loss=f"{running:.3f}", tv=f"{curve[-1]['tv_mean']:.3f}")
     curve.append({"step": cfg.steps, **_evaluate(model, observed_t, G0), "loss": running})
     seconds = time.perf_counter() - t0
-    meta = {"hmm": spec.describe(), "length": length, "max_len": max_len, "eval_length": eval_length,
-            "pretrain": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.config),
-            "num_parameters": model.num_parameters(), "curve": curve, "seconds": round(seconds, 2),
-            "device": device, "cache_version": CACHE_VERSION}
-    _save(path, model, meta)
-    model.eval().requires_grad_(False)
-    return Pretrained(model, hmm, curve, path, False, seconds)
+    return {"hmm": spec.describe(), "length": length, "max_len": model.config.max_len,
+            "eval_length": eval_length, "pretrain": dataclasses.asdict(cfg),
+            "model": dataclasses.asdict(model.config), "num_parameters": model.num_parameters(), "curve": curve,
+            "seconds": round(seconds, 2), "device": device}
