@@ -27,8 +27,9 @@ quick: $(STAMP)
 	$(BIN)/ftsim reproduce --preset quick
 
 ## The whole test suite (real-model and real-data tests included; CI=true makes their absence an error).
+## The hypothesis profile is chosen here, so `CI=true make test` is exactly what CI runs.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q
 
 ## Tests without the real-model ones, for a quick loop while developing.
 test-fast: $(STAMP)

@@ -23,10 +23,12 @@ says the meanings are not stored in the files:
   (lines 5332-10662) of Pang & Lee (2005): line 1 "simplistic , silly and tedious ." is 0, line 5332 "the rock is
   destined to be the 21st century's new \" conan \" ..." (the first line of rt-polarity.pos) is 1. 5331/5331.
 * CR: 0 negative, 1 positive. 0: "many of our disney movies do n't play on this dvd player ."; 1: "but , if you
-  're looking for my opinion of the apex dvd player , i love it ! ." Counts 1368/2407 (Hu & Liu 2004 has more
-  positive than negative sentences).
+  're looking for my opinion of the apex dvd player , i love it ! ." The loader keeps 1366/2405 examples (the
+  file's 1368/2407 lines less the 4 with empty text, below; Hu & Liu 2004 has more positive than negative
+  sentences).
 * MPQA: 0 negative, 1 positive polarity. 0: "complaining", "failing to support", "desperately needs"; 1: "are also
-  being encouraged", "to win", "fully back". Counts 7294/3312 (the MPQA polarity subset is mostly negative).
+  being encouraged", "to win", "fully back". The loader keeps 7292/3311 examples (the file's 7294/3312 lines less
+  the 3 with empty text; the MPQA polarity subset is mostly negative).
 * Subj: 0 subjective, 1 objective. The 5000 label-0 lines are review snippets with opinions ("smart and alert ,
   thirteen conversations about one thing is a small gem ."; "it's a frightful vanity film that ..."); the 5000
   label-1 lines are plot summaries ("the movie begins in the past where a young boy named sam attempts to save
@@ -70,6 +72,8 @@ from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 import numpy as np
+
+from ftsim.core.errors import InputError
 
 __all__ = [
     "Example",
@@ -206,7 +210,7 @@ def task_spec(name: str) -> TaskSpec:
     """Look a task up by name, case- and punctuation-insensitively (``sst2``, ``ag_news``, ``subj``)."""
     key = name.lower().replace(" ", "").replace("-", "").replace("_", "")
     if key not in _ALIASES:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        raise InputError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}", field="task")
     return TASKS[_ALIASES[key]]
 
 
@@ -298,7 +302,7 @@ def _read_lines(path: Path) -> tuple[list[tuple[int, str]], dict[str, int]]:
         raise FileNotFoundError(f"{path}: no such data file")
     data = path.read_bytes()
     if not data.strip():
-        raise ValueError(f"{path}: empty file")
+        raise InputError("empty file", path=path)
     raw_lines = data.split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()
@@ -326,13 +330,14 @@ def read_label_lines(path: str | os.PathLike, num_labels: int) -> tuple[list[Exa
     for lineno, text in lines:
         parts = text.strip().split(None, 1)
         if not parts:
-            raise ValueError(f"{path}:{lineno}: blank line (expected '<label> <sentence>')")
-        try:
-            label = int(parts[0])
-        except ValueError:
-            raise ValueError(f"{path}:{lineno}: expected an integer label first, got {parts[0][:40]!r}") from None
+            raise InputError("blank line (expected '<label> <sentence>')", path=path, line=lineno)
+        # ASCII digits only: int() would also read "+1", " 1" or Arabic-Indic digits as labels.
+        if not (parts[0].isascii() and parts[0].isdigit()):
+            raise InputError(f"expected a label of ASCII digits 0..{num_labels - 1} first, got {parts[0][:40]!r}",
+                             path=path, line=lineno)
+        label = int(parts[0])
         if not 0 <= label < num_labels:
-            raise ValueError(f"{path}:{lineno}: label {label} outside 0..{num_labels - 1}")
+            raise InputError(f"label {label} outside 0..{num_labels - 1}", path=path, line=lineno)
         sentence = parts[1].strip() if len(parts) > 1 else ""
         if not sentence:
             skipped.append(f"{path.name}:{lineno}: empty sentence (label {label})")
@@ -423,11 +428,14 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def heldout_split(examples: Sequence[Example], test_size: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """Split ``examples`` into (train pool, test) with a seeded permutation; both keep the original order."""
+def heldout_split(examples: Sequence[Example], test_size: int, seed: int,
+                  where: str = "") -> tuple[list[Example], list[Example]]:
+    """Split ``examples`` into (train pool, test) with a seeded permutation; both keep the original order.
+    ``where`` names the task and file in errors."""
     n = len(examples)
     if not 0 < test_size < n:
-        raise ValueError(f"held-out test size {test_size} must be in 1..{n - 1}")
+        raise InputError(f"{where + ': ' if where else ''}{n} usable examples cannot give a held-out test set of "
+                         f"{test_size} and a training pool (need more than {test_size})")
     perm = np.random.RandomState(seed).permutation(n)
     test_idx = np.sort(perm[:test_size])
     mask = np.ones(n, bool)
@@ -566,7 +574,8 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *,
         raise ValueError(f"task {spec.name}: no training examples in {', '.join(files)}")
     heldout = test is None
     if heldout:
-        train, test = heldout_split(train, spec.heldout_test, heldout_seed)
+        train, test = heldout_split(train, spec.heldout_test, heldout_seed,
+                                    where=f"task {spec.name} ({', '.join(str(root / f) if root else f for f in files)})")
     return TaskData(spec, tuple(train), tuple(test), lay, files, heldout, heldout_seed if heldout else None,
                     tuple(skipped), codecs)
 

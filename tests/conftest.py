@@ -1,7 +1,8 @@
 """Shared test configuration: hypothesis profiles, and the rule for tests that need real models or data.
 
-Profiles: ``dev`` (default; random examples, fewer of them) and ``ci`` (derandomized: the same examples on
-every run, so a red CI is reproducible). ``HYPOTHESIS_PROFILE`` picks one; ``.ci/run`` sets ``ci``.
+Profiles: ``dev`` (random examples) and ``ci`` (derandomized: the same examples on every run, so a red CI is
+reproducible). ``HYPOTHESIS_PROFILE`` picks one; without it, ``CI=true`` (and ``make test``, which sets the
+profile itself) means ``ci``, so ``CI=true make test`` runs exactly what CI runs.
 
 Real-model and real-data tests never skip silently in CI: with ``CI=true`` a missing model or data
 directory is a failure that says what is missing; elsewhere it is a skip.
@@ -22,9 +23,8 @@ settings.register_profile("dev", max_examples=30, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if IN_CI else "dev"))
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -68,3 +68,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _progress_defaults():
+    """Commands run in-process may switch progress bars off (``--no-progress``): restore the default after each
+    test."""
+    from ftsim.core import progress
+
+    yield
+    progress.configure(None)

@@ -6,6 +6,7 @@ line list), byte counts of the files, and hand-checked lines of the shared data 
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
@@ -45,7 +46,9 @@ def test_decode_line_falls_back_to_latin1():
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"0 fine\nnot-a-label text\n", "x.all:2: expected an integer label"),
+    (b"0 fine\nnot-a-label text\n", "x.all:2: expected a label of ASCII digits"),
+    (b"0 fine\n+1 text\n", "x.all:2: expected a label of ASCII digits 0..1 first, got '+1'"),
+    ("0 fine\n\u0661 text\n".encode(), "x.all:2: expected a label of ASCII digits"),  # Arabic-Indic one
     (b"0 fine\n3 text\n", "x.all:2: label 3 outside 0..1"),
     (b"0 fine\n\n1 text\n", "x.all:2: blank line"),
     (b"", "x.all: empty file"),
@@ -53,8 +56,16 @@ def test_decode_line_falls_back_to_latin1():
 ])
 def test_malformed_lines_name_file_and_line(tmp_path, content, message):
     f = _write(tmp_path / "x.all", content)
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         read_label_lines(f, 2)
+
+
+@pytest.mark.real_data
+def test_the_label_counts_of_the_docstring_are_what_the_loader_keeps(real_data_dir):
+    for task, counts in (("CR", [1366, 2405]), ("MPQA", [7292, 3311]), ("Subj", [5000, 5000]), ("MR", [5331, 5331])):
+        d = load_task(task, real_data_dir)
+        got = np.bincount([e.label for e in list(d.train) + list(d.test)]).tolist()
+        assert got == counts, task
 
 
 def test_empty_sentences_are_skipped_and_listed(tmp_path):
@@ -110,7 +121,8 @@ def test_sentconv_layout_and_heldout_split(tmp_path):
     d = _sentconv_dir(tmp_path)
     sst = load_task("sst2", d)
     assert sst.layout == "sent-conv" and len(sst.train) == 40 and len(sst.test) == 10 and not sst.test_is_heldout
-    with pytest.raises(ValueError, match="held-out test size 2000"):
+    with pytest.raises(ValueError, match=r"task MR \(.*rt-polarity\.all\): 40 usable examples cannot give a "
+                                         r"held-out test set of 2000"):
         load_task("MR", d)  # 40 lines cannot give LM-BFF's 2000 test examples
 
 

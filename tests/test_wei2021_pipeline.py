@@ -154,7 +154,16 @@ def test_attention_head_finds_the_informative_position():
 
 
 def _ftsim(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ftsim.app.cli", *args], capture_output=True, text=True, check=False)
+    """``ftsim ARGS`` in this process (the command line's main), as a completed process."""
+    import contextlib
+    import io
+
+    from ftsim.app.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["ftsim", *args], code, out.getvalue(), err.getvalue())
 
 
 TINY_FLAGS = ["--pretrain-steps", "20", "--eval-every", "10", "--batch-size", "16", "--corpus-sequences", "320",

@@ -152,7 +152,10 @@ _MEDIUM = {**_QUICK, "batch_size": 256, "pretrain_steps": 4000, "warmup": 100, "
            "eval_every": 250, "prompt_steps": 300}
 
 EXP1_PRESETS = OrderedDict(
-    quick=Exp1Config(num_states=(4, 8, 10, 15, 25, 30), causal_num_states=(10,), **_QUICK),
+    # Two HMMs per m (one task each): a paired difference prompt - head per (HMM, task), pooled over the m <= n
+    # and the m > n regimes (6 pairs each), carries a 95% t interval (README says where it excludes zero).
+    quick=Exp1Config(num_states=(4, 8, 10, 15, 25, 30), causal_num_states=(10,),
+                     **{**_QUICK, "hmm_seeds": (0, 1), "task_seeds": (0,)}),
     medium=Exp1Config(num_states=(4, 8, 10, 15, 25, 30), causal_num_states=(), **_MEDIUM),
     paper=Exp1Config(),
 )
@@ -331,24 +334,31 @@ def _run_exp1(cfg: Exp1Config, ctx: RunContext) -> dict:
     means = _mean_table(results, "num_states", ("model", "method"))
     write_table(ctx.out_dir / "means", means)
     diffs = _paired_rows(results, "num_states", ("mlm",), "prompt", "head")
+    for regime, keep in (("m<=n", lambda m: m <= cfg.vocab_size), ("m>n", lambda m: m > cfg.vocab_size)):
+        pooled = [{**r, "num_states0": r["num_states"], "num_states": regime} for r in results
+                  if keep(r["num_states"])]
+        diffs += _paired_rows(pooled, "num_states", ("mlm",), "prompt", "head", pair=("num_states0", "hmm_seed",
+                                                                                          "task_seed"))
     write_table(ctx.out_dir / "differences", diffs)
     return _summary1(means, diffs, time.perf_counter() - t0)
 
 
 def _paired_rows(results: list[dict], x: str, models: tuple[str, ...], a: str, b: str,
-                 by: tuple[str, ...] = ()) -> list[dict]:
+                 by: tuple[str, ...] = (), pair: tuple[str, ...] = ("hmm_seed", "task_seed")) -> list[dict]:
     """Paired differences accuracy(a) - accuracy(b) (points) per value of ``x`` (and ``by``), pairs matched on
-    (HMM seed, task seed): mean, sample std, n and 95% t interval -- what a statement "a beats b" rests on."""
+    ``pair`` (HMM seed, task seed): mean, sample std, n and 95% t interval -- what a statement "a beats b" rests
+    on. Rows pooled over several m carry the original m as ``num_states0``."""
     from ftsim.core.tables import paired_difference
 
+    results = [{**r, "num_states0": r.get("num_states0", r.get("num_states"))} for r in results]
     out = []
-    keys = sorted({(r[x], *[r.get(g) for g in by]) for r in results if r.get("model") in models})
+    keys = sorted({(r[x], *[r.get(g) for g in by]) for r in results if r.get("model") in models}, key=str)
     for key in keys:
         for model in models:
             sel = [r for r in results if r[x] == key[0] and r.get("model") == model
                    and all(r.get(g) == v for g, v in zip(by, key[1:]))]
             pts = [{**r, "value": 100 * r["accuracy"]} for r in sel]
-            st = paired_difference(pts, "method", a, b, ("hmm_seed", "task_seed"))
+            st = paired_difference(pts, "method", a, b, pair)
             if st.n:
                 out.append({x: key[0], **dict(zip(by, key[1:])), "model": model, "a": a, "b": b,
                             **st.row(), "excludes_zero": st.excludes_zero})
@@ -358,6 +368,8 @@ def _paired_rows(results: list[dict], x: str, models: tuple[str, ...], a: str, b
 def _summary1(means: list[dict], diffs: list[dict], seconds: float) -> dict:
     get = {(r["num_states"], r["model"], r["method"]): r["mean"] for r in means}
     dif = {r["num_states"]: r for r in diffs}
+    pooled = [f"{k}: {d['mean']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}] over {d['n']} pairs"
+              for k, d in dif.items() if isinstance(k, str) and d["n"] > 1]
     ms = sorted({r["num_states"] for r in means})
     parts = []
     for m in ms:
@@ -367,7 +379,10 @@ def _summary1(means: list[dict], diffs: list[dict], seconds: float) -> dict:
             ci = (f" [diff {d['mean']:+.1f}, 95% CI {d['ci_low']:+.1f}..{d['ci_high']:+.1f}]"
                   if d is not None and d["n"] > 1 else "")
             parts.append(f"m={m}: prompt {p:.1f} / head {h:.1f}{ci}")
-    return {"headline": "test acc % (MLM) " + "; ".join(parts), "seconds": round(seconds, 1)}
+    headline = "test acc % (MLM) " + "; ".join(parts)
+    if pooled:
+        headline += "; prompt - head (95% CI) " + "; ".join(pooled)
+    return {"headline": headline, "seconds": round(seconds, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,11 +481,21 @@ def _run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
     write_table(ctx.out_dir / "curves", curves)
     means = _mean_table(results, "total_states", ("hmm", "model", "method"))
     write_table(ctx.out_dir / "means", means)
+    from ftsim.core.tables import paired_difference
+
+    learned = [{**r, "arm": f"{r['hmm']}-{r['method']}", "value": 100 * r["accuracy"]} for r in results
+               if r["model"] == "mlm"]
+    st = paired_difference(learned, "arm", "memory-attention", "vanilla-head", ("total_states", "hmm_seed",
+                                                                                "task_seed"))
+    write_table(ctx.out_dir / "differences", [{"a": "memory + attention", "b": "vanilla + linear", **st.row(),
+                                               "excludes_zero": st.excludes_zero}])
     get = {(r["total_states"], r["hmm"], r["model"], r["method"]): r["mean"] for r in means}
     parts = [f"{s} states: memory+attn {get.get((s, 'memory', 'mlm', 'attention'), float('nan')):.1f} / "
              f"vanilla+linear {get.get((s, 'vanilla', 'mlm', 'head'), float('nan')):.1f}"
              for s in sorted({r['total_states'] for r in means})]
-    return {"headline": "test acc % " + "; ".join(parts), "seconds": round(time.perf_counter() - t0, 1)}
+    pooled = (f"; memory+attn - vanilla+linear {st.mean:+.1f} [{st.ci_low:+.1f}, {st.ci_high:+.1f}] over {st.n} "
+              f"pairs" if st.n > 1 else "")
+    return {"headline": "test acc % " + "; ".join(parts) + pooled, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 EXP1 = Experiment(
