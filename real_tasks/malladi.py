@@ -25,10 +25,8 @@ sample std over seeds), ``splits.json`` (the k-shot indices); the runner draws `
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
-from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -237,15 +235,12 @@ class Task:
 
 def load_task(cfg: MalladiConfig, ctx: RunContext) -> Task:
     """Data, k-shot splits (written to ``splits.json``), the kernel union and the model."""
-    import torch
 
     from real_tasks.data import kshot_split, load_task as load_data, texts
     from real_tasks.entk import kernel_union
     from real_tasks.models import load_model
     from real_tasks.prompts import PROMPTS, get_prompt, label_token_ids, words_of
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     data = load_data(cfg.task, cfg.data_dir)
     splits = {s: kshot_split(data, cfg.k, s, max_test=cfg.test_size) for s in cfg.seeds}
     union = kernel_union(list(splits.values()))
@@ -343,9 +338,8 @@ def finetune_unit(task: Task, ctx: RunContext, method: str, seed: int, k0_inline
 def _finetune(task: Task, method: str, seed: int, k0_inline: bool, use_prompt: bool, optimizer: str, lrs) -> dict:
     import torch
 
-    from real_tasks.entk import compute_kernel
     from theory.finetune import evaluate, finetune, restore, snapshot
-    from theory.metrics import accuracy, kernel_distance, kernel_rel_change
+    from theory.metrics import accuracy
 
     cfg = task.cfg
     split = task.splits[seed]
@@ -536,6 +530,15 @@ def _kernel_rows(task: Task, ctx: RunContext, methods: set[str]) -> dict[str, di
 
 def run(cfg: MalladiConfig, ctx: RunContext) -> dict:
     """Every unit (read from the cache when done before), then the tables and the summary."""
+    import contextlib
+
+    from ftsim.core.threads import limit_threads
+
+    with limit_threads(cfg.threads) if cfg.threads > 0 else contextlib.nullcontext():
+        return _run(cfg, ctx)
+
+
+def _run(cfg: MalladiConfig, ctx: RunContext) -> dict:
     import torch
 
     from real_tasks.entk import solve_seed

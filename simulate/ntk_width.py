@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Literal
 
 import numpy as np
 import torch
 
 from ftsim.core.claims import Claim
-from ftsim.core.experiment import Experiment, RunContext, Verifier
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec, Verifier
 from ftsim.core.io import write_table
 from theory.linearize import linearize, train
 from theory.metrics import kernel_rel_change
@@ -194,7 +193,6 @@ def run_unit(config: NTKWidthConfig, width: int, seed: int, device: str = "cpu",
     lr = config.lr / width if config.parameterization == "standard" else config.lr
     xtr, ytr, xte, yte = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
     n, C = xtr.shape[0], ytr.shape[1]
-    t0 = time.perf_counter()
     x_all = torch.cat([xtr, xte])
     res0 = empirical_ntk(f, p0, x_all, device=device)
     k0 = res0.kernel
@@ -222,7 +220,6 @@ def run_unit(config: NTKWidthConfig, width: int, seed: int, device: str = "cpu",
         "test_mse_net": float(((fT[n:] - yte.double().cpu()) ** 2).sum(1).mean() / 2),
         "test_mse_gf": float(((gf_test - yte.double().cpu()) ** 2).sum(1).mean() / 2),
         "train_loss_final": trained.losses[-1],
-        "seconds": round(time.perf_counter() - t0, 3),
     }
     if config.task == "classification":
         labels = data["labels_test"].cpu()
@@ -245,7 +242,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     from ftsim.core.tables import summarize as stats
 
     out = []
-    metrics = [k for k in rows[0] if k not in ("width", "seed", "num_params", "seconds")]
+    metrics = [k for k in rows[0] if k not in ("width", "seed", "num_params")]
     for w in sorted({r["width"] for r in rows}):
         sub = [r for r in rows if r["width"] == w]
         rec = {"width": w, "num_params": sub[0]["num_params"], "num_seeds": len(sub)}
@@ -256,27 +253,42 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-UNIT_VERSION = 1  # bump when run_unit's computation changes
+UNIT_VERSION = 2  # bump when run_unit's computation changes (2: no wall time in the row)
+
+
+def _net_spec(config: NTKWidthConfig, width: int, seed: int, device: str) -> UnitSpec:
+    common = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("widths", "seeds")}
+    return UnitSpec("ntk-width.net", UNIT_VERSION,
+                    {**common, "width": width, "seed": seed, "device": torch.device(device).type},
+                    "simulate.ntk_width:compute_net",
+                    {"config": dataclasses.asdict(config), "width": width, "seed": seed, "device": device},
+                    label=f"width={width} seed={seed}")
+
+
+def compute_net(work, config: dict, width: int, seed: int, device: str) -> dict:
+    """One unit of the sweep (see :func:`run_unit`), from the JSON form of the config."""
+    from ftsim.core.config import config_from_dict
+
+    cfg = config_from_dict(NTKWidthConfig, config)
+    row, preds = run_unit(cfg, width, seed, device, data=make_data(cfg, torch.float64 if cfg.float64 else torch.float32))
+    return {"row": row, "preds": preds}
+
+
+def plan(config: NTKWidthConfig, device: str) -> list[UnitSpec]:
+    """Every network of the sweep, as data (one unit per width and seed)."""
+    return [_net_spec(config, w, s, device) for w in config.widths for s in config.seeds]
 
 
 def run(config: NTKWidthConfig, ctx: RunContext) -> dict:
     """Sweep widths x seeds (one cached unit per network), write tidy tables (the figure is drawn from them)."""
     from ftsim.core.progress import bar
 
-    data = make_data(config, torch.float64 if config.float64 else torch.float32)
-    units = [(w, s) for w in config.widths for s in config.seeds]
     first_seed = config.seeds[0]
-    common = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("widths", "seeds")}
     rows, preds = [], []
-    for w, s in bar(units, desc="ntk-width", unit="net", disable=not ctx.progress):
-        def compute(work, w=w, s=s):
-            row, pr = run_unit(config, w, s, ctx.device, data=data)
-            return {"row": row, "preds": pr}
-
-        rec = ctx.unit("ntk-width.net", UNIT_VERSION, {**common, "width": w, "seed": s,
-                                                        "device": torch.device(ctx.device).type}, compute).result
+    for spec in bar(plan(config, ctx.device), desc="ntk-width", unit="net", disable=not ctx.progress):
+        rec = ctx.unit_of(spec).result
         rows.append(rec["row"])
-        if s == first_seed:
+        if rec["row"]["seed"] == first_seed:
             preds.extend(rec["preds"])
     summary_rows = summarize(rows)
     write_table(ctx.out_dir / "results", rows)
@@ -302,6 +314,7 @@ EXPERIMENT = Experiment(
     run=run,
     figures=("figures.ntk:redraw",),
     verifier="ntk",
+    plan=plan,
     reproduce=("quick", "paper"),
     help="MLPs of growing width (NTK parameterisation, full-batch GD on MSE) against kernel gradient flow with "
          "their empirical NTK at initialisation: output distance and kernel movement vs width.",

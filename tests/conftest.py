@@ -60,14 +60,14 @@ def results_tmp(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def one_torch_thread():
-    """Run a test with one intra-op torch thread: tiny tensors gain nothing from threads, and on the shared
-    2-core machine spinning OpenMP workers only add synchronisation."""
-    import torch
+    """Run a test with one torch and one BLAS thread (ftsim.core.threads): tiny tensors gain nothing from threads,
+    and on the shared 2-core machine spinning OpenMP workers only add synchronisation."""
+    import torch  # noqa: F401 -- limit_threads sets torch's pool only if torch is imported
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    from ftsim.core.threads import limit_threads
+
+    with limit_threads(1):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ EPILOG = """examples:
   ftsim verify hmm                        exact inference vs brute force and hmmlearn
   ftsim run malladi --preset quick --task SST-2 --model smollm2
   ftsim generate --preset wei2021 --num-states 10 --vocab-size 10 --sequences 1000 --length 64 --out corpora/w
+  ftsim run ntk-width --preset paper --executor local --jobs 2    a sweep on two worker processes
 
 `ftsim COMMAND --help` explains each command."""
 
@@ -192,7 +193,28 @@ def _experiment_parser(exp) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="recompute this run's units instead of reading them")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:<index> (auto: cuda if visible)")
     _add_progress(p)
+    g = p.add_argument_group("where the units are computed (see `ftsim status RUN_DIR`)")
+    g.add_argument("--executor", default="serial", choices=["serial", "local", "submitit"],
+                   help="serial: this process; local: --jobs worker processes; submitit: SLURM or its local mode")
+    g.add_argument("--jobs", type=int, default=1, help="local workers (one GPU each when several are visible)")
+    g.add_argument("--threads", type=int, default=0, help="intra-op threads per worker (0: cores / jobs)")
+    g.add_argument("--submitit-cluster", choices=["slurm", "local", "debug"], default=None,
+                   help="submitit's cluster (default: SLURM when available, else local)")
+    g.add_argument("--slurm-partition", default=None, help="SLURM partition")
+    g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job")
+    g.add_argument("--slurm-time", type=int, default=60, metavar="MIN", help="time limit per job, minutes")
+    g.add_argument("--slurm-cpus", type=int, default=2, help="CPUs per job")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the units the run would compute (per kind, cached or not) and the estimated time")
     return p
+
+
+def _executor(ns: argparse.Namespace):
+    from ftsim.app.executors import ExecutorConfig
+
+    return ExecutorConfig(name=ns.executor, jobs=ns.jobs, threads=ns.threads, cluster=ns.submitit_cluster,
+                          slurm_partition=ns.slurm_partition, slurm_gpus=ns.slurm_gpus, slurm_time=ns.slurm_time,
+                          slurm_cpus=ns.slurm_cpus)
 
 
 def _cmd_run(args: argparse.Namespace, rest: list[str], run_parser: argparse.ArgumentParser) -> int:
@@ -214,11 +236,19 @@ def _cmd_run(args: argparse.Namespace, rest: list[str], run_parser: argparse.Arg
     config = config_from_args(exp.config_cls, exp.presets, ns)  # validated before anything is written
     if ns.out is not None:
         check_output_dir(ns.out)
-    resolve_device(ns.device)
+    device = resolve_device(ns.device)
+    executor = _executor(ns)
     if ns.no_progress:
         progress.configure(False)
+    if ns.dry_run:
+        import json
+
+        from ftsim.app.runner import cache_for, dry_run
+
+        print(json.dumps(dry_run(exp, config, device=device, cache=cache_for(ns.out)), indent=2))
+        return 0
     out_dir, summary = run_experiment(exp, config, preset=ns.preset, root=ns.out, overwrite=ns.overwrite,
-                                      device=ns.device, progress=not ns.no_progress)
+                                      device=ns.device, progress=not ns.no_progress, executor=executor)
     print(f"results: {out_dir}")
     for key in ("headline", "compute_seconds", "this_run_seconds", "units", "device"):
         if key in summary:
@@ -292,8 +322,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run_parser = _add_run(sub)
     _add_figures(sub)
     _add_reproduce(sub)
+    _add_status(sub)
     _add_docs(sub)
     return parser, run_parser
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", formatter_class=_Help, help="how many units of a run are done, running, failed",
+                       description="Count a run's planned units by state (done, running, failed, pending) and name "
+                                   "each failed unit's error and log.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (results/NAME/PRESET-HASH)")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ftsim.app.runner import status
+
+    st = status(args.run_dir)
+    print(f"{st['run']}: {st['done']} done, {st['running']} running, {len(st['failed'])} failed, "
+          f"{st['pending']} pending" + (f" ({st['note']})" if st.get("note") else ""))
+    for f in st["failed"]:
+        print(f"  failed: {f['label']}: {f['error']}" + (f" (log: {f['log']})" if f.get("log") else "")
+              + f" [{f['record']}]")
+    return 1 if st["failed"] else 0
 
 
 def _add_docs(sub) -> None:
@@ -337,10 +387,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args, rest, run_parser)
         return {"generate": _cmd_generate, "verify": _cmd_verify, "figures": _cmd_figures,
-                "reproduce": _cmd_reproduce, "docs": _cmd_docs}[args.command](args)
+                "reproduce": _cmd_reproduce, "status": _cmd_status, "docs": _cmd_docs}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; finished units are kept in the cache and a rerun resumes", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from ftsim.app.runner import UnitsFailed
+
+        if not isinstance(exc, UnitsFailed) or os.environ.get("FTSIM_DEBUG"):
+            raise
+        print(f"ftsim {args.command}: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         # Bad input: one line naming the flag, file, field or line, no traceback.
         if os.environ.get("FTSIM_DEBUG"):

@@ -11,6 +11,7 @@ recomputes nothing that is cached; ``overwrite`` recomputes this run's units.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -26,7 +27,11 @@ from ftsim.core.experiment import Experiment, RunContext, Verifier, resolve_devi
 from ftsim.core.io import atomic_write_text, results_root, write_json, write_table
 
 __all__ = ["cache_for", "run_dir_for", "run_experiment", "draw_figures", "run_verifier", "check_output_dir",
-           "code_fingerprint"]
+           "code_fingerprint", "UnitsFailed", "dry_run", "status"]
+
+
+class UnitsFailed(RuntimeError):
+    """Some units of a sweep failed in the executor (their records name the errors and logs)."""
 
 _PACKAGES = ("ftsim/core", "theory", "simulate", "real_tasks")
 
@@ -71,8 +76,11 @@ def draw_figures(experiment: Experiment, run_dir: Path) -> tuple[list[Path], lis
 
 def run_experiment(experiment: Experiment, config: Any, *, preset: str = "custom", root: Path | None = None,
                    cache: UnitCache | None = None, overwrite: bool = False, device: str = "auto",
-                   progress: bool = True) -> tuple[Path, dict]:
-    """Run ``experiment`` with ``config``; return its run directory and summary."""
+                   progress: bool = True, executor=None) -> tuple[Path, dict]:
+    """Run ``experiment`` with ``config``; return its run directory and summary.
+
+    With an ``executor`` (:class:`ftsim.app.executors.ExecutorConfig`) other than serial, the experiment's planned
+    units are computed there first (see :mod:`ftsim.app.executors`); the run then gathers them from the cache."""
     if preset in experiment.presets and experiment.presets[preset] != config:
         preset = f"{preset}+custom"
     root = Path(root) if root is not None else results_root()
@@ -85,7 +93,29 @@ def run_experiment(experiment: Experiment, config: Any, *, preset: str = "custom
     ctx = RunContext(out_dir=out_dir, cache=cache or cache_for(root), overwrite=overwrite, device=device,
                      progress=progress, preset=preset)
     t0 = time.perf_counter()
+    fanned = None
+    if executor is not None and executor.name != "serial":
+        from ftsim.app.executors import compute_units
+
+        if experiment.plan is None:
+            import warnings
+
+            warnings.warn(f"experiment {experiment.name} has no unit plan: its units are computed in this process",
+                          stacklevel=2)
+        elif overwrite:
+            raise InputError("--overwrite recomputes in this process; drop it or use --executor serial",
+                             field="executor")
+        else:
+            fanned = compute_units(experiment.plan(config, device), ctx.cache, executor, run_dir=out_dir,
+                                   progress=progress)
+            if fanned["failed"]:
+                write_json(out_dir / "executor.json", fanned)
+                raise UnitsFailed(f"{len(fanned['failed'])} of {fanned['planned']} units failed (first: "
+                                  f"{fanned['failed'][0]['label']}: {fanned['failed'][0]['error']}); "
+                                  f"see `ftsim status {out_dir}`; a rerun computes only the missing units")
     summary = dict(experiment.run(config, ctx))
+    if fanned is not None:
+        summary["executor"] = fanned
     figures, errors = draw_figures(experiment, out_dir)
     summary.update({
         "figures": [str(p) for p in figures], "figure_errors": errors,
@@ -128,3 +158,66 @@ def run_verifier(verifier: Verifier, *, quick: bool = True, seed: int = 0, out: 
     write_json(out / "timing.json", {"seconds": unit.seconds, "cached": cached})
     return claims, {"seconds": unit.seconds, "cached": cached}
 
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+def dry_run(experiment: Experiment, config: Any, *, device: str, cache: UnitCache) -> dict:
+    """The planned units of a run: how many per kind, how many are cached, and the time the pending ones should
+    take, estimated from the measured compute times of cached units of the same kind (their sizes may differ;
+    the estimate says how many it is based on)."""
+    if experiment.plan is None:
+        raise InputError(f"experiment {experiment.name} has no unit plan to show", field="dry_run")
+    specs = experiment.plan(config, device)
+    kinds: dict[str, dict] = {}
+    for s in specs:
+        k = kinds.setdefault(s.kind, {"units": 0, "cached": 0})
+        k["units"] += 1
+        k["cached"] += int((cache.path_of(s.key) / "record.json").is_file())
+    for kind, k in kinds.items():
+        measured = []
+        for rec in (cache.root / kind).glob("*/*/record.json"):
+            try:
+                measured.append(float(json.loads(rec.read_text())["seconds"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        med = _median(measured)
+        k["measured_units"] = len(measured)
+        k["median_seconds"] = med
+        k["estimated_seconds"] = None if med is None else round(med * (k["units"] - k["cached"]), 1)
+    total = [k["estimated_seconds"] for k in kinds.values()]
+    return {"experiment": experiment.name, "units": len(specs), "kinds": kinds,
+            "estimated_seconds": None if any(t is None for t in total) else round(sum(total), 1)}
+
+
+def status(run_dir: Path) -> dict:
+    """How many of a run's planned units are done, running, failed (with the failing unit's error and log) or
+    pending: from ``units_plan.json``, which an executor writes when it plans the run."""
+    from ftsim.app.executors import unit_state
+    from ftsim.core.experiment import UnitSpec
+
+    run_dir = Path(run_dir)
+    plan = run_dir / "units_plan.json"
+    if not plan.is_file():
+        used = run_dir / "units.json"
+        if used.is_file():
+            units = json.loads(used.read_text())
+            return {"run": str(run_dir), "done": len({u["digest"] for u in units}), "running": 0, "failed": [],
+                    "pending": 0, "note": "run computed in one process (no executor plan); all its units are done"}
+        raise InputError(f"{run_dir}: no units_plan.json or units.json (not a run directory, or it never started)",
+                         path=run_dir)
+    data = json.loads(plan.read_text())
+    cache = UnitCache(data["cache"])
+    out: dict[str, Any] = {"run": str(run_dir), "done": 0, "running": 0, "pending": 0, "failed": []}
+    for d in data["units"]:
+        state, info = unit_state(cache, UnitSpec.from_json(d))
+        if state == "failed":
+            out["failed"].append({"label": d.get("label"), "error": info.get("error"), "log": info.get("log"),
+                                  "record": str(cache.path_of(UnitSpec.from_json(d).key).parent
+                                                / f".{d['digest']}.failed.json")})
+        else:
+            out[state] += 1
+    return out

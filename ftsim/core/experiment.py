@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ftsim.core.cache import Unit, UnitCache, unit_key
 from ftsim.core.claims import Claim
 
-__all__ = ["Experiment", "Verifier", "RunContext", "resolve_device", "DeviceError"]
+__all__ = ["Experiment", "Verifier", "RunContext", "UnitSpec", "resolve_device", "DeviceError"]
 
 
 class DeviceError(ValueError):
@@ -48,6 +48,43 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
+@dataclasses.dataclass(frozen=True)
+class UnitSpec:
+    """A unit of work described by data alone, so that another process (a local worker, a SLURM job) can compute
+    it: the cache key (kind, version, inputs) and the function that computes it, ``target(work, **args)``
+    (a ``"module:function"`` name; ``args`` JSON). The run function asks for the same unit with
+    :meth:`RunContext.unit` and finds it in the cache.
+
+    Attributes:
+        label: a short human name for progress and ``ftsim status``.
+    """
+
+    kind: str
+    version: int | str
+    inputs: Any
+    target: str
+    args: Mapping[str, Any]
+    label: str = ""
+
+    @property
+    def key(self):
+        return unit_key(self.kind, self.version, self.inputs)
+
+    def compute(self, work) -> Any:
+        import importlib
+
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)(work, **dict(self.args))
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "version": self.version, "inputs": self.inputs, "target": self.target,
+                "args": dict(self.args), "label": self.label, "digest": self.key.digest}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "UnitSpec":
+        return cls(d["kind"], d["version"], d["inputs"], d["target"], d["args"], d.get("label", ""))
+
+
 @dataclasses.dataclass
 class RunContext:
     """What a run function gets besides its config: where to write tables, the unit cache, and how to run."""
@@ -59,6 +96,10 @@ class RunContext:
     progress: bool = True
     preset: str = "custom"
     units_used: list[dict] = dataclasses.field(default_factory=list)
+
+    def unit_of(self, spec: UnitSpec) -> Unit:
+        """The unit of a :class:`UnitSpec` (computed here if no executor computed it already)."""
+        return self.unit(spec.kind, spec.version, spec.inputs, spec.compute)
 
     def unit(self, kind: str, version: int | str, inputs: Any, compute: Callable[[Any], Any]) -> Unit:
         """The unit (kind, version, inputs) from the cache, or computed by ``compute(workdir)`` and stored
@@ -93,6 +134,8 @@ class Experiment:
         run: ``run(config, ctx) -> summary`` writes tidy tables into ``ctx.out_dir`` and returns a JSON summary
             with a one-line ``headline``.
         figures: ``"module:function"`` targets ``fn(run_dir) -> list[Path]`` that draw from the stored tables.
+        plan: ``plan(config, device) -> list[UnitSpec]``, the run's units described by data, so an executor can
+            compute them in other processes before ``run`` gathers them (None: ``run`` computes its units itself).
         verifier: the name of the verifier of this line of theory (``ftsim verify NAME``), if any.
         reproduce: presets of this experiment that ``ftsim reproduce --preset P`` runs.
         help: a paragraph for ``ftsim run NAME --help``; the first line is its one-line summary.
@@ -106,6 +149,7 @@ class Experiment:
     verifier: str | None = None
     reproduce: tuple[str, ...] = ()
     help: str = ""
+    plan: Callable[[Any, str], Sequence[UnitSpec]] | None = None
 
     @property
     def summary_line(self) -> str:

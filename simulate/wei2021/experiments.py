@@ -224,7 +224,7 @@ class _Models:
 
     def curve_rows(self, spec, causal: bool, extra: dict) -> list[dict]:
         pre = self.get(spec, causal)
-        keep = {"seconds": pre.seconds, "num_parameters": pre.model.num_parameters(), **extra,
+        keep = {"num_parameters": pre.model.num_parameters(), **extra,
                 "model": "causal" if causal else "mlm"}
         return [{**keep, **row} for row in pre.curve]
 

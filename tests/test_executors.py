@@ -1,0 +1,139 @@
+"""Executors: serial, local worker processes and submitit's local mode give byte-identical tables; a worker killed
+mid-unit leaves the run resumable (only that unit is recomputed, no partial unit is ever read); two runs that
+share units compute each once; ``ftsim status`` counts units by state and names a failure's error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ftsim.app.cli import main
+from ftsim.app.executors import ExecutorConfig, compute_units
+from ftsim.app.runner import run_experiment, status
+from ftsim.core.cache import UnitCache
+from ftsim.core.errors import InputError
+from simulate.ntk_width import EXPERIMENT, NTKWidthConfig
+from tests.conftest import REPO
+
+CFG = NTKWidthConfig(widths=(8, 16), depth=1, seeds=(0, 1), num_train=6, num_test=5, steps=20)
+FLAGS = ["--widths", "8,16", "--depth", "1", "--seeds", "0,1", "--num-train", "6", "--num-test", "5", "--steps", "20",
+         "--no-progress"]
+
+
+def _tables(run_dir):
+    return {n: (run_dir / n).read_bytes() for n in ("results.jsonl", "summary_by_width.jsonl", "predictions.jsonl")}
+
+
+@pytest.mark.slow
+def test_serial_local_and_submitit_give_byte_identical_tables(tmp_path, monkeypatch):
+    monkeypatch.delenv("FTSIM_CACHE", raising=False)
+    pytest.importorskip("submitit") if os.environ.get("CI", "").lower() != "true" else None
+    out = {}
+    for name, exe in (("serial", ExecutorConfig("serial")), ("local", ExecutorConfig("local", jobs=2, threads=1)),
+                      ("submitit", ExecutorConfig("submitit", cluster="local", threads=1))):
+        root = tmp_path / name
+        run_dir, summary = run_experiment(EXPERIMENT, CFG, preset="test", root=root, device="cpu", progress=False,
+                                          executor=exe)
+        out[name] = _tables(run_dir)
+        if name != "serial":
+            assert summary["executor"]["computed"] == 4 and summary["executor"]["failed"] == []
+        assert status(run_dir)["done"] == 4
+    assert out["serial"] == out["local"] == out["submitit"]
+
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    import simulate.ntk_width as nw
+    from ftsim.app.executors import ExecutorConfig
+    from ftsim.app.runner import run_experiment
+    from simulate.ntk_width import EXPERIMENT, NTKWidthConfig
+
+    original = nw.run_unit
+    def dying(config, width, seed, *a, **k):
+        if width == 16 and seed == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # killed mid-unit, after the others were stored
+        return original(config, width, seed, *a, **k)
+    nw.run_unit = dying
+    cfg = NTKWidthConfig(widths=(8, 16), depth=1, seeds=(0, 1), num_train=6, num_test=5, steps=20)
+    run_experiment(EXPERIMENT, cfg, preset="test", root={root!r}, device="cpu", progress=False,
+                   executor=ExecutorConfig("serial"))
+""")
+
+
+def test_a_killed_run_resumes_and_recomputes_only_the_missing_unit(tmp_path, monkeypatch):
+    monkeypatch.delenv("FTSIM_CACHE", raising=False)
+    root = tmp_path / "r"
+    script = tmp_path / "kill.py"
+    script.write_text(_KILLER.format(repo=str(REPO), root=str(root)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    cache = UnitCache(root / "cache" / "units")
+    records = sorted((cache.root / "ntk-width.net").glob("*/*/record.json"))
+    assert len(records) == 3  # three units stored before the kill, none half-written
+    stamps = {p: p.stat().st_mtime_ns for p in records}
+    run_dir, _ = run_experiment(EXPERIMENT, CFG, preset="test", root=root, device="cpu", progress=False,
+                                executor=ExecutorConfig("local", jobs=2, threads=1))
+    after = sorted((cache.root / "ntk-width.net").glob("*/*/record.json"))
+    assert len(after) == 4 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    fresh, _ = run_experiment(EXPERIMENT, CFG, preset="test", root=tmp_path / "fresh", device="cpu", progress=False)
+    assert _tables(run_dir) == _tables(fresh)
+
+
+def test_two_runs_sharing_units_compute_each_once(tmp_path):
+    cache = UnitCache(tmp_path / "cache")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    first = compute_units(EXPERIMENT.plan(dataclasses.replace(CFG, widths=(8,)), "cpu"), cache,
+                          ExecutorConfig("local", jobs=2, threads=1), run_dir=tmp_path / "a", progress=False)
+    second = compute_units(EXPERIMENT.plan(CFG, "cpu"), cache, ExecutorConfig("serial"), run_dir=tmp_path / "b",
+                           progress=False)
+    assert (first["planned"], first["computed"]) == (2, 2)
+    assert (second["planned"], second["cached"], second["computed"]) == (4, 2, 2)
+
+
+def test_status_names_a_failed_unit(tmp_path, monkeypatch, capsys):
+    import simulate.ntk_width as nw
+
+    original = nw.run_unit
+
+    def failing(config, width, seed, *a, **k):
+        if width == 16:
+            raise FloatingPointError("diverged on purpose")
+        return original(config, width, seed, *a, **k)
+
+    monkeypatch.setattr(nw, "run_unit", failing)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    info = compute_units(EXPERIMENT.plan(CFG, "cpu"), UnitCache(tmp_path / "cache"), ExecutorConfig("serial"),
+                         run_dir=run_dir, progress=False)
+    assert len(info["failed"]) == 2 and info["computed"] == 2
+    st = status(run_dir)
+    assert st["done"] == 2 and st["pending"] == 0 and len(st["failed"]) == 2
+    assert "diverged on purpose" in st["failed"][0]["error"]
+    assert main(["status", str(run_dir)]) == 1
+    assert "2 done, 0 running, 2 failed" in capsys.readouterr().out
+
+
+def test_executor_config_errors_name_the_flag(capsys):
+    with pytest.raises(InputError, match="choose from serial"):
+        ExecutorConfig("threads")
+    assert main(["run", "ntk-width", "--executor", "local", "--jobs", "0"]) == 2
+    assert "--jobs: must be >= 1" in capsys.readouterr().err
+
+
+def test_dry_run_counts_units_and_estimates_from_measured_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("FTSIM_CACHE", raising=False)
+    run_experiment(EXPERIMENT, dataclasses.replace(CFG, widths=(8,)), preset="test", root=tmp_path, device="cpu",
+                   progress=False)
+    assert main(["run", "ntk-width", "--out", str(tmp_path), "--dry-run", *FLAGS]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    k = plan["kinds"]["ntk-width.net"]
+    assert (plan["units"], k["cached"], k["measured_units"]) == (4, 2, 2) and k["estimated_seconds"] >= 0
