@@ -197,7 +197,7 @@ def _experiment_parser(exp) -> argparse.ArgumentParser:
     g.add_argument("--executor", default="serial", choices=["serial", "local", "submitit"],
                    help="serial: this process; local: --jobs worker processes; submitit: SLURM or its local mode")
     g.add_argument("--jobs", type=int, default=1, help="local workers (one GPU each when several are visible)")
-    g.add_argument("--threads", type=int, default=0, help="intra-op threads per worker (0: cores / jobs)")
+    g.add_argument("--worker-threads", type=int, default=0, help="intra-op threads per worker (0: cores / jobs)")
     g.add_argument("--submitit-cluster", choices=["slurm", "local", "debug"], default=None,
                    help="submitit's cluster (default: SLURM when available, else local)")
     g.add_argument("--slurm-partition", default=None, help="SLURM partition")
@@ -212,7 +212,7 @@ def _experiment_parser(exp) -> argparse.ArgumentParser:
 def _executor(ns: argparse.Namespace):
     from ftsim.app.executors import ExecutorConfig
 
-    return ExecutorConfig(name=ns.executor, jobs=ns.jobs, threads=ns.threads, cluster=ns.submitit_cluster,
+    return ExecutorConfig(name=ns.executor, jobs=ns.jobs, threads=ns.worker_threads, cluster=ns.submitit_cluster,
                           slurm_partition=ns.slurm_partition, slurm_gpus=ns.slurm_gpus, slurm_time=ns.slurm_time,
                           slurm_cpus=ns.slurm_cpus)
 
