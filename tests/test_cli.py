@@ -127,3 +127,10 @@ def test_reproduce_and_figures_on_a_tiny_registry(tmp_path, monkeypatch, capsys)
     png.unlink()
     assert main(["figures", "--results", str(tmp_path)]) == 0
     assert png.exists() and "figure(s) redrawn" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(__import__("ftsim.app.registry", fromlist=["EXPERIMENTS"]).EXPERIMENTS))
+def test_every_experiment_has_a_help_page_without_flag_conflicts(name, capsys):
+    assert main(["run", name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--preset" in out and "--executor" in out and "--dry-run" in out
