@@ -14,8 +14,6 @@ E_x TV(model(x), G_0(x)) is recorded.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
