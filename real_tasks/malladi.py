@@ -27,17 +27,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 
 from ftsim.core.errors import InputError
-from ftsim.core.experiment import Experiment, RunContext
+from ftsim.core.config import config_hash
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec
 from ftsim.core.io import atomic_write_text, stable_hash, write_json, write_table
 from ftsim.core.tables import aggregate, mean_std, markdown_table
 
-__all__ = ["MalladiConfig", "PRESETS", "EXPERIMENT", "run", "METHOD_ORDER", "ALL_METHODS", "comparison_rows",
-           "comparison_markdown", "method_value", "UNIT_VERSIONS"]
+__all__ = ["MalladiConfig", "PRESETS", "EXPERIMENT", "run", "plan", "compute_unit", "METHOD_ORDER", "ALL_METHODS",
+           "comparison_rows", "comparison_markdown", "method_value", "UNIT_VERSIONS"]
 
 ALL_METHODS = ("zero-shot", "ft-sgd", "ft-adam", "ft-noprompt", "k-sgd", "k-asigngd", "k-noprompt")
 
@@ -184,6 +186,7 @@ class Task:
     theta0: dict
     key_common: dict
     load_seconds: float
+    cache_root: str = ""
     encoded_sets: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -233,9 +236,8 @@ class Task:
         return {**self.key_common, **settings}
 
 
-def load_task(cfg: MalladiConfig, ctx: RunContext) -> Task:
-    """Data, k-shot splits (written to ``splits.json``), the kernel union and the model."""
-
+def load_task(cfg: MalladiConfig, *, device: str, cache, progress: bool = False, out_dir=None) -> Task:
+    """Data, k-shot splits (written to ``<out_dir>/splits.json``), the kernel union and the model."""
     from real_tasks.data import kshot_split, load_task as load_data, texts
     from real_tasks.entk import kernel_union
     from real_tasks.models import load_model
@@ -244,14 +246,15 @@ def load_task(cfg: MalladiConfig, ctx: RunContext) -> Task:
     data = load_data(cfg.task, cfg.data_dir)
     splits = {s: kshot_split(data, cfg.k, s, max_test=cfg.test_size) for s in cfg.seeds}
     union = kernel_union(list(splits.values()))
-    write_json(ctx.out_dir / "splits.json", {"data": data.describe(), "splits": [s.record() for s in splits.values()],
-                                             "kernel_union": union.record()})
+    if out_dir is not None:
+        write_json(Path(out_dir) / "splits.json", {"data": data.describe(), "splits": [s.record() for s in
+                                                   splits.values()], "kernel_union": union.record()})
     vocab = None
     if cfg.model.startswith("tiny-"):
         pool = list(union.examples) + [e for s in splits.values() for e in s.dev]
         vocab = " ".join(texts(pool)).split() + words_of(PROMPTS.values())
     t = _timer()
-    lm = load_model(cfg.model, device=ctx.device, cache=ctx.cache, vocab=vocab)
+    lm = load_model(cfg.model, device=device, cache=cache, vocab=vocab)
     load_seconds = t()
     prompt = get_prompt(data.spec.name)
     label_tokens = label_token_ids(lm.tokenizer, prompt, lm.kind) if lm.has_lm_head else None
@@ -262,8 +265,8 @@ def load_task(cfg: MalladiConfig, ctx: RunContext) -> Task:
     key_common = {"model": lm.fingerprint, "task": data.spec.name, "k": cfg.k, "data_files": data.files,
                   "test_index": stable_hash(test_index), "label_mode": cfg.label_mode,
                   "prompt": dataclasses.asdict(prompt)}
-    return Task(cfg, ctx.device, ctx.progress, data, splits, union, lm, prompt, label_tokens, theta0, key_common,
-                load_seconds)
+    return Task(cfg, device, progress, data, splits, union, lm, prompt, label_tokens, theta0, key_common,
+                load_seconds, cache_root=str(cache.root) if cache is not None else "")
 
 
 def ntk_options(task: Task, union: bool = False) -> dict:
@@ -302,20 +305,61 @@ def method_value(cfg: MalladiConfig, method: str, lr: float, batch_size: int):
                   max_grad_norm=cfg.max_grad_norm, loss="ce")
 
 
-def zero_shot(task: Task, ctx: RunContext) -> dict:
+_TASKS: dict[tuple, Task] = {}  # the loaded task of this process, by (config hash, device): workers load it once
+
+
+def _spec(task: Task, kind: str, inputs: dict, label: str, **params) -> UnitSpec:
+    """A unit of this run as data: its key, and ``compute_unit`` with the config and the unit's parameters."""
+    return UnitSpec(f"malladi.{kind}", UNIT_VERSIONS[kind], inputs, "real_tasks.malladi:compute_unit",
+                    {"config": dataclasses.asdict(task.cfg), "device": task.device, "cache_root": task.cache_root,
+                     "unit": kind, **params}, label=label)
+
+
+def compute_unit(work, config: dict, device: str, cache_root: str, unit: str, **params):
+    """Compute one unit (in this process or an executor's worker): the task is loaded once per process."""
+    from ftsim.core.cache import UnitCache
+    from ftsim.core.config import config_from_dict
+
+    cfg = config_from_dict(MalladiConfig, config)
+    key = (config_hash(cfg), device)
+    if key not in _TASKS:
+        _TASKS[key] = load_task(cfg, device=device, cache=UnitCache(cache_root), progress=False)
+    task = _TASKS[key]
+    if cfg.threads > 0:  # float32 reductions depend on the thread count: fixed, a unit is the same everywhere
+        from ftsim.core.threads import limit_threads
+
+        with limit_threads(cfg.threads):
+            return _dispatch(task, work, unit, params)
+    return _dispatch(task, work, unit, params)
+
+
+def _dispatch(task: Task, work, unit: str, params: dict):
+    if unit == "zero-shot":
+        return _zero_shot(task)
+    if unit == "finetune":
+        return _finetune(task, **params)
+    if unit == "kernels":
+        return _kernels(task, work, params["use_prompt"], tuple(params["names"]))
+    if unit == "diag-kernel0":
+        return _diag_kernel0(task, work, params["seed"], params["positions"])
+    raise ValueError(f"unknown malladi unit {unit!r}")
+
+
+def _zero_shot(task: Task) -> dict:
     from theory.finetune import evaluate
     from theory.metrics import accuracy
 
-    def compute(work):
-        t = _timer()
-        test = task.test_set(True)
-        scores = evaluate(task.classifier(True), test, task.device)
-        return {"accuracy": accuracy(scores, test.labels), "scores": scores.tolist(), "seconds": t()}
-
-    return ctx.unit("malladi.zero-shot", UNIT_VERSIONS["zero-shot"], task.inputs(unit="zeroshot"), compute).result
+    t = _timer()
+    test = task.test_set(True)
+    scores = evaluate(task.classifier(True), test, task.device)
+    return {"accuracy": accuracy(scores, test.labels), "scores": scores.tolist(), "seconds": t()}
 
 
-def finetune_unit(task: Task, ctx: RunContext, method: str, seed: int, k0_inline: bool) -> dict:
+def zero_shot_spec(task: Task) -> UnitSpec:
+    return _spec(task, "zero-shot", task.inputs(unit="zeroshot"), "zero-shot")
+
+
+def finetune_spec(task: Task, method: str, seed: int, k0_inline: bool) -> UnitSpec:
     """Fine-tune with the method's grid on one seed; keep the best on validation; diagnostics.
 
     The eNTK at theta_FT on a class-balanced part of the training set is stored with the unit; the same kernel
@@ -331,17 +375,20 @@ def finetune_unit(task: Task, ctx: RunContext, method: str, seed: int, k0_inline
     if cfg.diagnostics and use_prompt:
         settings["diagnostics"] = {"test": cfg.diag_test_size, "train": cfg.diag_train_size, "k0_inline": k0_inline,
                                    "ntk": _ntk_key(ntk_options(task))}
-    return ctx.unit("malladi.finetune", UNIT_VERSIONS["finetune"], task.inputs(**settings),
-                    lambda work: _finetune(task, method, seed, k0_inline, use_prompt, optimizer, lrs)).result
+    return _spec(task, "finetune", task.inputs(**settings), f"{_FT_NAMES[method]} seed {seed}", method=method,
+                 seed=seed, k0_inline=k0_inline)
 
 
-def _finetune(task: Task, method: str, seed: int, k0_inline: bool, use_prompt: bool, optimizer: str, lrs) -> dict:
+def _finetune(task: Task, method: str, seed: int, k0_inline: bool) -> dict:
     import torch
 
     from theory.finetune import evaluate, finetune, restore, snapshot
     from theory.metrics import accuracy
 
     cfg = task.cfg
+    use_prompt = method != "noprompt"
+    optimizer = {"sgd": "sgd", "adam": "adam", "noprompt": cfg.noprompt_optimizer}[method]
+    lrs = {"sgd": cfg.sgd_lrs, "adam": cfg.adam_lrs, "noprompt": cfg.noprompt_lrs}[method]
     split = task.splits[seed]
     train = task.encoded(f"train-{seed}", split.train, use_prompt)
     dev = task.encoded(f"dev-{seed}", split.dev, use_prompt)
@@ -428,59 +475,112 @@ def _diagnostics(task: Task, module, scores, split, seed: int, k0_inline: bool) 
     return out
 
 
-def kernels(task: Task, ctx: RunContext, use_prompt: bool, names: tuple[str, ...]) -> dict[str, dict]:
+def kernels_spec(task: Task, use_prompt: bool, names: tuple[str, ...]) -> UnitSpec:
     """The union kernels ``names`` (``sgd``, ``asigngd``) of the prompt (or no-prompt) model function at
     theta_0, computed in one engine call (one set of per-example gradients) and stored as one unit whose arrays
-    are checked by SHA-256 whenever they are read. Returns kernel name -> record with ``kernel`` (N*C, N*C) and
-    ``outputs`` (N, C) arrays."""
+    are checked by SHA-256 whenever they are read."""
+    inputs = task.inputs(unit="kernels", union=stable_hash(task.union.record()), use_prompt=use_prompt,
+                         kernels=list(names), head_seed=None if use_prompt else task.cfg.head_seed,
+                         ntk=_ntk_key(ntk_options(task, union=True)))
+    return _spec(task, "kernels", inputs, f"{'prompt' if use_prompt else 'no-prompt'} kernels {'+'.join(names)}",
+                 use_prompt=use_prompt, names=list(names))
+
+
+def _kernels(task: Task, work, use_prompt: bool, names: tuple[str, ...]) -> dict:
+    from ftsim.core.progress import say
     from real_tasks.entk import compute_kernel
 
     opts = ntk_options(task, union=True)
-    inputs = task.inputs(unit="kernels", union=stable_hash(task.union.record()), use_prompt=use_prompt,
-                         kernels=list(names), head_seed=None if use_prompt else task.cfg.head_seed,
-                         ntk=_ntk_key(opts))
+    module = task.classifier(use_prompt)
+    res = compute_kernel(module, task.union_set(use_prompt), kernel=list(names), device=task.device,
+                         progress=task.progress, **opts)
+    meta = {}
+    for nm in names:
+        r = res[nm]
+        work.save_array(f"{nm}-kernel", r["kernel"])
+        work.save_array(f"{nm}-outputs", r["outputs"])
+        m = {"plan": r["plan"], "plan_text": r["plan_text"], "seconds": r["seconds"],
+             "num_outputs": r["num_outputs"], "size": len(task.union.examples), "computed_with": list(names)}
+        if r["error_bound"] is not None:
+            diag = np.sqrt(np.clip(np.diag(r["kernel"]), 0, None))
+            rel = r["error_bound"] / np.maximum(np.abs(r["kernel"]), 1e-300)
+            m["sketch_std_bound_over_norms"] = float(np.max(r["error_bound"] / np.maximum(
+                np.outer(diag, diag), 1e-300)))
+            m["sketch_std_bound_relative_median"] = float(np.median(rel))
+        meta[nm] = m
+    say(res[names[0]]["plan_text"])  # what the planner chose (exact or sketch) and why
+    return meta
 
-    def compute(work):
-        module = task.classifier(use_prompt)
-        res = compute_kernel(module, task.union_set(use_prompt), kernel=list(names), device=task.device,
-                             progress=task.progress, **opts)
-        meta = {}
-        for nm in names:
-            r = res[nm]
-            work.save_array(f"{nm}-kernel", r["kernel"])
-            work.save_array(f"{nm}-outputs", r["outputs"])
-            m = {"plan": r["plan"], "plan_text": r["plan_text"], "seconds": r["seconds"],
-                 "num_outputs": r["num_outputs"], "size": len(task.union.examples), "computed_with": list(names)}
-            if r["error_bound"] is not None:
-                diag = np.sqrt(np.clip(np.diag(r["kernel"]), 0, None))
-                rel = r["error_bound"] / np.maximum(np.abs(r["kernel"]), 1e-300)
-                m["sketch_std_bound_over_norms"] = float(np.max(r["error_bound"] / np.maximum(
-                    np.outer(diag, diag), 1e-300)))
-                m["sketch_std_bound_relative_median"] = float(np.median(rel))
-            meta[nm] = m
-        return meta
 
-    unit = ctx.unit("malladi.kernels", UNIT_VERSIONS["kernels"], inputs, compute)
+def kernels(task: Task, ctx: RunContext, use_prompt: bool, names: tuple[str, ...]) -> dict[str, dict]:
+    """Kernel name -> record with ``kernel`` (N*C, N*C) and ``outputs`` (N, C) arrays (see :func:`kernels_spec`)."""
+    unit = ctx.unit_of(kernels_spec(task, use_prompt, names))
     return {nm: {**unit.result[nm], "kernel": unit.array(f"{nm}-kernel"), "outputs": unit.array(f"{nm}-outputs")}
             for nm in names}
 
 
-def diag_kernel0(task: Task, ctx: RunContext, seed: int, positions: list[int]) -> np.ndarray:
+def diag_kernel0_spec(task: Task, seed: int, positions: list[int]) -> UnitSpec:
     """The diagnostics' SGD kernel at theta_0 on the training positions of ``seed``."""
+    inputs = task.inputs(unit=f"diag-kernel0-{seed}", seed=seed, positions=list(positions),
+                         ntk=_ntk_key(ntk_options(task)))
+    return _spec(task, "diag-kernel0", inputs, f"kernel at theta_0, seed {seed}", seed=seed, positions=list(positions))
+
+
+def _diag_kernel0(task: Task, work, seed: int, positions: list[int]) -> dict:
     from real_tasks.entk import compute_kernel
 
-    opts = ntk_options(task)
-    inputs = task.inputs(unit=f"diag-kernel0-{seed}", seed=seed, positions=list(positions), ntk=_ntk_key(opts))
+    split = task.splits[seed]
+    sub = task.encoded(f"diag-train-{seed}-{len(positions)}", [split.train[i] for i in positions], True)
+    k0 = compute_kernel(task.classifier(True), sub, kernel="sgd", device=task.device, progress=task.progress,
+                        **ntk_options(task))
+    work.save_array("kernel", k0["kernel"])
+    return {"seconds": k0["seconds"]}
 
-    def compute(work):
-        split = task.splits[seed]
-        sub = task.encoded(f"diag-train-{seed}-{len(positions)}", [split.train[i] for i in positions], True)
-        k0 = compute_kernel(task.classifier(True), sub, kernel="sgd", device=task.device, progress=task.progress,
-                            **opts)
-        work.save_array("kernel", k0["kernel"])
-        return {"seconds": k0["seconds"]}
 
-    return ctx.unit("malladi.diag-kernel0", UNIT_VERSIONS["diag-kernel0"], inputs, compute).array("kernel")
+def _methods(task: Task) -> tuple[set[str], list[str]]:
+    methods, skipped = set(task.cfg.methods), []
+    prompt_methods = {"zero-shot", "ft-sgd", "ft-adam", "k-sgd", "k-asigngd"}
+    if not task.prompt_ok and methods & prompt_methods:
+        skipped.append(f"prompt-based methods {sorted(methods & prompt_methods)}: {task.cfg.model} has no LM head")
+        methods -= prompt_methods
+    return methods, skipped
+
+
+def _k0_inline(cfg: MalladiConfig, methods: set[str]) -> bool:
+    return cfg.ntk_implementation == "auto" or "k-sgd" not in methods
+
+
+def _kernel_specs(task: Task, methods: set[str]) -> list[UnitSpec]:
+    prompt_names = tuple(n for n, m in (("sgd", "k-sgd"), ("asigngd", "k-asigngd")) if m in methods)
+    out = [kernels_spec(task, True, prompt_names)] if prompt_names else []
+    if "k-noprompt" in methods:
+        out.append(kernels_spec(task, False, ("sgd",)))
+    return out
+
+
+def plan(cfg: MalladiConfig, ctx: RunContext) -> list[UnitSpec]:
+    """Every unit of the run, as data (loads the data and the model once, for the keys)."""
+    task = _task(cfg, ctx)
+    methods, _ = _methods(task)
+    k0_inline = _k0_inline(cfg, methods)
+    specs = [zero_shot_spec(task)] if "zero-shot" in methods else []
+    specs += [finetune_spec(task, m, s, k0_inline) for s in cfg.seeds for m in ("sgd", "adam", "noprompt")
+              if f"ft-{m}" in methods]
+    specs += _kernel_specs(task, methods)
+    if cfg.diagnostics and _union_engine_differs(cfg) and "ft-sgd" in methods | {"ft-adam"} and not k0_inline:
+        for s in cfg.seeds:
+            if {"ft-sgd", "ft-adam"} & methods:
+                pos = _balanced_prefix([e.label for e in task.splits[s].train], cfg.diag_train_size)
+                specs.append(diag_kernel0_spec(task, s, pos))
+    return specs
+
+
+def _task(cfg: MalladiConfig, ctx: RunContext) -> Task:
+    key = (config_hash(cfg), ctx.device)
+    if key not in _TASKS:
+        _TASKS[key] = load_task(cfg, device=ctx.device, cache=ctx.cache, progress=ctx.progress,
+                                out_dir=ctx.out_dir)
+    return _TASKS[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,15 +616,11 @@ def comparison_markdown(comp: list[dict]) -> str:
 
 
 def _kernel_rows(task: Task, ctx: RunContext, methods: set[str]) -> dict[str, dict]:
-    wanted = {"prompt-sgd": "k-sgd" in methods, "prompt-asigngd": "k-asigngd" in methods,
-              "noprompt-sgd": "k-noprompt" in methods}
     out: dict[str, dict] = {}
-    prompt_names = tuple(n.split("-")[1] for n in ("prompt-sgd", "prompt-asigngd") if wanted[n])
-    if prompt_names:
-        for nm, rec in kernels(task, ctx, True, prompt_names).items():
-            out[f"prompt-{nm}"] = rec
-    if wanted["noprompt-sgd"]:
-        out["noprompt-sgd"] = kernels(task, ctx, False, ("sgd",))["sgd"]
+    for spec in _kernel_specs(task, methods):
+        use_prompt, names = spec.args["use_prompt"], tuple(spec.args["names"])
+        for nm, rec in kernels(task, ctx, use_prompt, names).items():
+            out[f"{'prompt' if use_prompt else 'noprompt'}-{nm}"] = rec
     return out
 
 
@@ -545,13 +641,10 @@ def _run(cfg: MalladiConfig, ctx: RunContext) -> dict:
     from theory.metrics import accuracy, kernel_distance, kernel_rel_change
 
     t_total = _timer()
-    task = load_task(cfg, ctx)
-    skipped: list[str] = []
-    methods = set(cfg.methods)
-    prompt_methods = {"zero-shot", "ft-sgd", "ft-adam", "k-sgd", "k-asigngd"}
-    if not task.prompt_ok and methods & prompt_methods:
-        skipped.append(f"prompt-based methods {sorted(methods & prompt_methods)}: {cfg.model} has no LM head")
-        methods -= prompt_methods
+    task = _task(cfg, ctx)
+    write_json(ctx.out_dir / "splits.json", {"data": task.data.describe(), "splits": [s.record() for s in
+                                             task.splits.values()], "kernel_union": task.union.record()})
+    methods, skipped = _methods(task)
     base = {"task": task.spec.name, "model": cfg.model, "k": cfg.k}
     rows: list[dict] = []
     seconds = {"load": task.load_seconds, "zero_shot": 0.0, "entk": 0.0, "entk_solve": 0.0, "finetune": 0.0,
@@ -561,17 +654,17 @@ def _run(cfg: MalladiConfig, ctx: RunContext) -> dict:
     checks: dict = {}
 
     if "zero-shot" in methods:
-        z = zero_shot(task, ctx)
+        z = ctx.unit_of(zero_shot_spec(task)).result
         seconds["zero_shot"] += z["seconds"]
         rows.append({**base, "seed": None, "method": "zero-shot", "metric": "accuracy", "value": _num(z["accuracy"]),
                      "n_test": len(test_labels)})
 
-    k0_inline = cfg.ntk_implementation == "auto" or "k-sgd" not in methods
+    k0_inline = _k0_inline(cfg, methods)
     ft_records: dict[tuple[str, int], dict] = {}
     for seed in cfg.seeds:
         for method in ("sgd", "adam", "noprompt"):
             if f"ft-{method}" in methods:
-                ft_records[(method, seed)] = finetune_unit(task, ctx, method, seed, k0_inline)
+                ft_records[(method, seed)] = ctx.unit_of(finetune_spec(task, method, seed, k0_inline)).result
 
     kern = _kernel_rows(task, ctx, methods)
     for k in kern.values():
@@ -609,7 +702,7 @@ def _run(cfg: MalladiConfig, ctx: RunContext) -> dict:
         k0 = None
         if "kernel_ft" in diag and "kernel_distance" not in diag and _union_engine_differs(cfg):
             # K(theta_0) with the diagnostics' engine (same algorithm, sketch and hashes as K(theta_FT))
-            k0 = diag_kernel0(task, ctx, seed, diag["diag_train_positions"])
+            k0 = ctx.unit_of(diag_kernel0_spec(task, seed, diag["diag_train_positions"])).array("kernel")
         elif "kernel_ft" in diag and "kernel_distance" not in diag and "prompt-sgd" in kern:
             c = kern["prompt-sgd"]["num_outputs"]
             rows_u = [task.union.train_rows[seed][i] for i in diag["diag_train_positions"]]
@@ -660,6 +753,7 @@ EXPERIMENT = Experiment(
     run=run,
     figures=("figures.malladi:redraw",),
     verifier="ntk",
+    plan=plan,
     reproduce=(),
     help=("Malladi et al. 2023, 'A Kernel-Based View of Language Model Fine-Tuning': prompt-based fine-tuning "
           "(SGD, Adam) vs the eNTK solutions (K-SGD, K-A-SignGD) on k-shot real tasks, standard fine-tuning "

@@ -274,9 +274,9 @@ def compute_net(work, config: dict, width: int, seed: int, device: str) -> dict:
     return {"row": row, "preds": preds}
 
 
-def plan(config: NTKWidthConfig, device: str) -> list[UnitSpec]:
+def plan(config: NTKWidthConfig, ctx: RunContext) -> list[UnitSpec]:
     """Every network of the sweep, as data (one unit per width and seed)."""
-    return [_net_spec(config, w, s, device) for w in config.widths for s in config.seeds]
+    return [_net_spec(config, w, s, ctx.device) for w in config.widths for s in config.seeds]
 
 
 def run(config: NTKWidthConfig, ctx: RunContext) -> dict:
@@ -285,7 +285,7 @@ def run(config: NTKWidthConfig, ctx: RunContext) -> dict:
 
     first_seed = config.seeds[0]
     rows, preds = [], []
-    for spec in bar(plan(config, ctx.device), desc="ntk-width", unit="net", disable=not ctx.progress):
+    for spec in bar(plan(config, ctx), desc="ntk-width", unit="net", disable=not ctx.progress):
         rec = ctx.unit_of(spec).result
         rows.append(rec["row"])
         if rec["row"]["seed"] == first_seed:

@@ -27,6 +27,12 @@ FLAGS = ["--widths", "8,16", "--depth", "1", "--seeds", "0,1", "--num-train", "6
          "--no-progress"]
 
 
+def _ctx(tmp_path):
+    from ftsim.core.experiment import RunContext
+
+    return RunContext(out_dir=tmp_path, cache=UnitCache(tmp_path / "unused"), device="cpu", progress=False)
+
+
 def _tables(run_dir):
     return {n: (run_dir / n).read_bytes() for n in ("results.jsonl", "summary_by_width.jsonl", "predictions.jsonl")}
 
@@ -91,9 +97,9 @@ def test_two_runs_sharing_units_compute_each_once(tmp_path):
     cache = UnitCache(tmp_path / "cache")
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
-    first = compute_units(EXPERIMENT.plan(dataclasses.replace(CFG, widths=(8,)), "cpu"), cache,
+    first = compute_units(EXPERIMENT.plan(dataclasses.replace(CFG, widths=(8,)), _ctx(tmp_path)), cache,
                           ExecutorConfig("local", jobs=2, threads=1), run_dir=tmp_path / "a", progress=False)
-    second = compute_units(EXPERIMENT.plan(CFG, "cpu"), cache, ExecutorConfig("serial"), run_dir=tmp_path / "b",
+    second = compute_units(EXPERIMENT.plan(CFG, _ctx(tmp_path)), cache, ExecutorConfig("serial"), run_dir=tmp_path / "b",
                            progress=False)
     assert (first["planned"], first["computed"]) == (2, 2)
     assert (second["planned"], second["cached"], second["computed"]) == (4, 2, 2)
@@ -112,7 +118,7 @@ def test_status_names_a_failed_unit(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(nw, "run_unit", failing)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    info = compute_units(EXPERIMENT.plan(CFG, "cpu"), UnitCache(tmp_path / "cache"), ExecutorConfig("serial"),
+    info = compute_units(EXPERIMENT.plan(CFG, _ctx(tmp_path)), UnitCache(tmp_path / "cache"), ExecutorConfig("serial"),
                          run_dir=run_dir, progress=False)
     assert len(info["failed"]) == 2 and info["computed"] == 2
     st = status(run_dir)
@@ -137,3 +143,23 @@ def test_dry_run_counts_units_and_estimates_from_measured_ones(tmp_path, monkeyp
     plan = json.loads(capsys.readouterr().out)
     k = plan["kinds"]["ntk-width.net"]
     assert (plan["units"], k["cached"], k["measured_units"]) == (4, 2, 2) and k["estimated_seconds"] >= 0
+
+
+@pytest.mark.slow
+def test_malladi_units_on_local_workers_equal_the_serial_run(tmp_path, monkeypatch):
+    """The real-task sweep fans out too: each worker loads the task once; with a fixed thread count (float32
+    reductions depend on it) the tables are byte-identical to the serial run's."""
+    from tests.test_real_malladi import NEG, POS, TINY
+
+    monkeypatch.delenv("FTSIM_CACHE", raising=False)
+    d = tmp_path / "data"
+    d.mkdir()
+    lines = [f"1 {s} .\n" for s in POS] + [f"0 {s} .\n" for s in NEG]
+    (d / "stsa.binary.train").write_text("".join(lines))
+    (d / "stsa.binary.dev").write_text("".join(lines[::2]))
+    args = ["run", "malladi", "--preset", "quick", "--model", "tiny-causal", "--data-dir", str(d), *TINY,
+            "--threads", "1"]
+    for name in ("serial", "local"):
+        assert main([*args, "--out", str(tmp_path / name), "--executor", name, "--jobs", "2"]) == 0
+    a, b = (next((tmp_path / n / "malladi").glob("*/results.jsonl")).read_bytes() for n in ("serial", "local"))
+    assert a == b

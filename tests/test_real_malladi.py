@@ -220,3 +220,23 @@ def test_combining_runs_keeps_the_later_runs_rows():
     out = _latest(rows)
     assert sorted((r["method"], r["seed"], r["value"]) for r in out) == [("FT-SGD", 13, 0.7), ("K-SGD", 13, 0.8),
                                                                          ("K-SGD", 21, 0.5)]
+
+
+def test_multiclass_task_through_the_whole_pipeline(tmp_path, results_tmp, capsys):
+    """SST-5 (five label words): fine-tuning, every kernel solver with C = 5 outputs, diagnostics."""
+    from pathlib import Path
+
+    d = tmp_path / "sst5"
+    d.mkdir()
+    words = ["dreadful bad boring", "weak thin dull", "fine plain okay", "good warm fun", "superb brilliant moving"]
+    lines = [f"{c} {w} film number {i} .\n" for i in range(6) for c, w in enumerate(words)]
+    (d / "stsa.fine.train").write_text("".join(lines))
+    (d / "stsa.fine.test").write_text("".join(lines[::3]))
+    run_dir = Path(_run(["--model", "tiny-causal", "--task", "SST-5", "--data-dir", str(d), "--k", "2", "--seeds", "13",
+                         "--test-size", "10", "--ft-steps", "3", "--eval-every", "1", "--diag-test-size", "4",
+                         "--diag-train-size", "5", "--no-progress"], capsys))
+    rows = read_jsonl(run_dir / "results.jsonl")
+    assert {r["method"] for r in rows if r["metric"] == "accuracy"} == set(METHOD_ORDER)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert all("C=5 outputs" in t for t in summary["kernel_plans"].values()), summary["kernel_plans"]
+    assert summary["label_tokens"] is not None and len(summary["label_tokens"]["first"]) == 5

@@ -106,7 +106,7 @@ def run_experiment(experiment: Experiment, config: Any, *, preset: str = "custom
             raise InputError("--overwrite recomputes in this process; drop it or use --executor serial",
                              field="executor")
         else:
-            fanned = compute_units(experiment.plan(config, device), ctx.cache, executor, run_dir=out_dir,
+            fanned = compute_units(experiment.plan(config, ctx), ctx.cache, executor, run_dir=out_dir,
                                    progress=progress)
             if fanned["failed"]:
                 write_json(out_dir / "executor.json", fanned)
@@ -165,13 +165,18 @@ def _median(xs: list[float]) -> float | None:
     return xs[len(xs) // 2] if xs else None
 
 
-def dry_run(experiment: Experiment, config: Any, *, device: str, cache: UnitCache) -> dict:
+def dry_run(experiment: Experiment, config: Any, *, device: str, cache: UnitCache, out_dir: Path | None = None
+            ) -> dict:
     """The planned units of a run: how many per kind, how many are cached, and the time the pending ones should
     take, estimated from the measured compute times of cached units of the same kind (their sizes may differ;
     the estimate says how many it is based on)."""
     if experiment.plan is None:
         raise InputError(f"experiment {experiment.name} has no unit plan to show", field="dry_run")
-    specs = experiment.plan(config, device)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = RunContext(out_dir=Path(out_dir or tmp), cache=cache, device=device, progress=False, preset="dry-run")
+        specs = experiment.plan(config, ctx)
     kinds: dict[str, dict] = {}
     for s in specs:
         k = kinds.setdefault(s.kind, {"units": 0, "cached": 0})

@@ -134,7 +134,7 @@ class Experiment:
         run: ``run(config, ctx) -> summary`` writes tidy tables into ``ctx.out_dir`` and returns a JSON summary
             with a one-line ``headline``.
         figures: ``"module:function"`` targets ``fn(run_dir) -> list[Path]`` that draw from the stored tables.
-        plan: ``plan(config, device) -> list[UnitSpec]``, the run's units described by data, so an executor can
+        plan: ``plan(config, ctx) -> list[UnitSpec]``, the run's units described by data, so an executor can
             compute them in other processes before ``run`` gathers them (None: ``run`` computes its units itself).
         verifier: the name of the verifier of this line of theory (``ftsim verify NAME``), if any.
         reproduce: presets of this experiment that ``ftsim reproduce --preset P`` runs.
@@ -149,7 +149,7 @@ class Experiment:
     verifier: str | None = None
     reproduce: tuple[str, ...] = ()
     help: str = ""
-    plan: Callable[[Any, str], Sequence[UnitSpec]] | None = None
+    plan: Callable[[Any, RunContext], Sequence[UnitSpec]] | None = None
 
     @property
     def summary_line(self) -> str:
