@@ -96,7 +96,10 @@ class MalladiConfig:
     diag_test_size: Optional[int] = _f(None, "test examples for the linearised model (None: the whole test set)")
     diag_train_size: Optional[int] = _f(None, "training examples (balanced over classes) for the kernel movement "
                                               "(None: all)")
-    threads: int = _f(0, "torch CPU threads (0: torch's default)")
+    threads: int = _f(0, "torch CPU threads (0: torch's default; fix it for units byte-identical across executors)")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "fine-tuning forward pass under autocast on CUDA (bf16 or "
+                                                            "fp16 with a gradient scaler); kernels stay float32 "
+                                                            "gradients accumulated in float64")
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(ALL_METHODS)
@@ -137,7 +140,9 @@ PRESETS = {
         model="smollm2", test_size=100, ft_steps=16, batch_sizes=(8,), sgd_lrs=(1e-2,), adam_lrs=(1e-5,),
         noprompt_lrs=(1e-2,), eval_every=4, ntk_implementation="sketch", sketch_dim=16384, ntk_dtype="float32",
         union_ntk_implementation="factored", memory_budget_gb=10.0, diag_test_size=None, diag_train_size=8),
-    "paper": MalladiConfig(),
+    # GPU-sized: LM-BFF's grids and 1000 steps, 1000 test examples, exact kernels; fine-tuning in bf16 autocast on
+    # CUDA (ignored on the CPU), kernels in float64 accumulation.
+    "paper": MalladiConfig(precision="bf16"),
 }
 
 
@@ -302,7 +307,8 @@ def method_value(cfg: MalladiConfig, method: str, lr: float, batch_size: int):
     return Method(name=f"{_FT_NAMES[method]} lr={lr:g} bs={batch_size}",
                   optimizer=Optimizer(name, lr=lr, momentum=0.0, weight_decay=0.0, schedule="linear"),
                   steps=cfg.ft_steps, batch_size=batch_size, eval_every=cfg.eval_every,
-                  max_grad_norm=cfg.max_grad_norm, loss="ce")
+                  max_grad_norm=cfg.max_grad_norm, loss="ce",
+                  autocast=None if cfg.precision == "fp32" else cfg.precision)
 
 
 _TASKS: dict[tuple, Task] = {}  # the loaded task of this process, by (config hash, device): workers load it once
@@ -365,6 +371,8 @@ def finetune_spec(task: Task, method: str, seed: int, k0_inline: bool) -> UnitSp
     The eNTK at theta_FT on a class-balanced part of the training set is stored with the unit; the same kernel
     at theta_0 is computed here too when ``k0_inline`` (else it is read out of the union kernel later, which
     uses the same algorithm, sketch dimension and hashes)."""
+    import torch
+
     cfg = task.cfg
     use_prompt = method != "noprompt"
     optimizer = {"sgd": "sgd", "adam": "adam", "noprompt": cfg.noprompt_optimizer}[method]
@@ -375,6 +383,8 @@ def finetune_spec(task: Task, method: str, seed: int, k0_inline: bool) -> UnitSp
     if cfg.diagnostics and use_prompt:
         settings["diagnostics"] = {"test": cfg.diag_test_size, "train": cfg.diag_train_size, "k0_inline": k0_inline,
                                    "ntk": _ntk_key(ntk_options(task))}
+    if cfg.precision != "fp32" and torch.device(task.device).type == "cuda":
+        settings["precision"] = cfg.precision
     return _spec(task, "finetune", task.inputs(**settings), f"{_FT_NAMES[method]} seed {seed}", method=method,
                  seed=seed, k0_inline=k0_inline)
 

@@ -228,6 +228,9 @@ class Method:
             the best checkpoint (ties: the earlier) is restored at the end, as LM-BFF does.
         max_grad_norm: clip the global gradient norm (None: no clipping).
         regularizers, proximal: extra loss terms.
+        autocast: ``None`` (full precision), ``"bf16"`` or ``"fp16"``: the forward pass under ``torch.autocast``
+            on CUDA (fp16 with a gradient scaler); parameters, optimizer state and the loss stay float32. Ignored
+            on the CPU, where mixed precision buys nothing here (the choice is recorded in ``describe``).
     """
 
     name: str
@@ -242,8 +245,11 @@ class Method:
     select_best: bool = True
     regularizers: tuple[Regularizer, ...] = ()
     proximal: Proximal | None = None
+    autocast: Literal["bf16", "fp16"] | None = None
 
     def __post_init__(self) -> None:
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"method {self.name!r}: autocast must be None, bf16 or fp16, not {self.autocast!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"method {self.name!r}: steps and batch_size must be >= 1, got {self.steps}, "
                              f"{self.batch_size}")
@@ -256,7 +262,8 @@ class Method:
                 "batch_size": self.batch_size, "params": self.params.describe(), "head": self.head.describe(),
                 "loss": self.loss, "eval_every": self.eval_every, "max_grad_norm": self.max_grad_norm,
                 "select_best": self.select_best, "regularizers": [r.describe() for r in self.regularizers],
-                "proximal": None if self.proximal is None else self.proximal.describe()}
+                "proximal": None if self.proximal is None else self.proximal.describe(),
+                **({"autocast": self.autocast} if self.autocast else {})}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -501,6 +508,9 @@ def _finetune(module, train, method, *, seed, device, dev, progress, desc, on_st
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: method.optimizer.factor(s, steps))
     anchor = _Anchor(method.proximal, moving) if method.proximal is not None else None
     gen = torch.Generator().manual_seed(seed)
+    amp = method.autocast if torch.device(device).type == "cuda" else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     n = len(train)
     perm, cursor = torch.randperm(n, generator=gen), 0
     history: list[dict] = []
@@ -514,7 +524,9 @@ def _finetune(module, train, method, *, seed, device, dev, progress, desc, on_st
         cursor += method.batch_size
         batch = batch_to(train.select(idx), device)
         y = train.labels[idx].to(device)
-        scores = module(batch)  # (B, C)
+        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp is not None):
+            scores = module(batch)  # (B, C)
+        scores = scores.float() if amp is not None else scores
         loss = _loss(scores, y, method.loss)
         objective = loss
         for reg in method.regularizers:
@@ -522,7 +534,11 @@ def _finetune(module, train, method, *, seed, device, dev, progress, desc, on_st
         if anchor is not None:
             objective = objective + anchor.term(module, batch, scores, moving)
         opt.zero_grad(set_to_none=True)
-        objective.backward()
+        if scaler is not None:
+            scaler.scale(objective).backward()
+            scaler.unscale_(opt)
+        else:
+            objective.backward()
         for p in params:
             m = masks.get(id(p))
             if m is not None and p.grad is not None:
@@ -531,7 +547,11 @@ def _finetune(module, train, method, *, seed, device, dev, progress, desc, on_st
                 p.grad.sign_()
         if method.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, method.max_grad_norm)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         if masks:
             with torch.no_grad():
