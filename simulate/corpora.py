@@ -8,7 +8,7 @@ from simulate.corpus import Corpus, CorpusSpec, load_corpus, write_corpus
 
 __all__ = ["CORPUS_UNIT_VERSION", "corpus_unit"]
 
-CORPUS_UNIT_VERSION = 1
+CORPUS_UNIT_VERSION = 2  # 2: corpus format 2 (parameters as .npy)
 
 
 def corpus_unit(cache: UnitCache, spec: CorpusSpec, *, overwrite: bool = False,

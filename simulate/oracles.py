@@ -28,7 +28,7 @@ MAX_PATHS = 200_000
 
 
 def _hmm(model: HMM | MemoryHMM) -> HMM:
-    return model.as_hmm() if isinstance(model, MemoryHMM) else model
+    return model.as_hmm()
 
 
 def enumerate_joint(model: HMM | MemoryHMM, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

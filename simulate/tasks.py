@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from ftsim.core.errors import InputError
 from simulate.hmm import HMM, MemoryHMM
 from simulate.inference import MASK, Inference, infer
 
@@ -58,9 +59,15 @@ class PosteriorTask:
 
 
 def sparse_mu(num_states: int, support_size: int, seed: int | np.random.Generator) -> np.ndarray:
-    """mu with ``support_size`` non-zero N(0, 1) entries at random positions (6 in the paper's code)."""
-    if not 1 <= support_size <= num_states:
-        raise ValueError(f"support_size={support_size} must be in [1, num_states={num_states}]")
+    """mu with ``support_size`` non-zero N(0, 1) entries at random positions (6 in the paper's code).
+
+    Raises:
+        InputError: ``support_size`` not an integer in [1, num_states] (field ``support_size``).
+    """
+    if isinstance(support_size, bool) or not isinstance(support_size, (int, np.integer)) \
+            or not 1 <= support_size <= num_states:
+        raise InputError(f"must be an integer in [1, num_states={num_states}], got {support_size!r}",
+                         field="support_size")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     mu = np.zeros(num_states)
     support = np.sort(rng.choice(num_states, size=support_size, replace=False))
@@ -83,7 +90,7 @@ def memory_linear_task(model: MemoryHMM, mu: np.ndarray) -> PosteriorTask:
     """y = 1[mu^T P(M | x) >= 0] for a memory HMM (mu over memory values); no mask is prepended."""
     mu = np.asarray(mu, dtype=np.float64)
     if mu.shape != (model.num_memory,):
-        raise ValueError(f"mu has shape {mu.shape}; expected ({model.num_memory},) = (num_memory,)")
+        raise InputError(f"has shape {mu.shape}; expected ({model.num_memory},) = (num_memory,)", field="mu")
     N, S = model.num_memory, model.num_syntax
 
     def fn(inf: Inference) -> np.ndarray:

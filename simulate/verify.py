@@ -32,22 +32,18 @@ from simulate.oracles import (
 )
 from simulate.sampling import sample
 
-__all__ = ["VERIFIER", "EXACTNESS", "hmmlearn_model", "marginal_z_scores", "stability_rows", "clt_threshold",
+__all__ = ["VERIFIER", "EXACTNESS", "marginal_z_scores", "stability_rows", "clt_threshold",
            "ulps"]
 
 
 def hmmlearn_model(hmm: HMM):
-    """The same model as hmmlearn's ``CategoricalHMM`` (its parameters set, not fitted)."""
-    from hmmlearn.hmm import CategoricalHMM
-
-    ref = CategoricalHMM(n_components=hmm.num_states, n_features=hmm.vocab_size, init_params="", params="")
-    ref.startprob_, ref.transmat_, ref.emissionprob_ = hmm.start, hmm.trans, hmm.emit
-    return ref
+    """The same model as hmmlearn's ``CategoricalHMM`` (parameters set, not fitted): :meth:`HMM.to_hmmlearn`."""
+    return hmm.to_hmmlearn(params="")
 
 
 def hmmlearn_posteriors(hmm: HMM, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-sequence log-likelihoods (B,) and posteriors (B, T, m) from hmmlearn, one sequence at a time."""
-    ref = hmmlearn_model(hmm)
+    ref = hmm.to_hmmlearn(params="")
     lls, posts = [], []
     for row in np.asarray(tokens):
         ll, post = ref.score_samples(row.astype(np.int64).reshape(-1, 1))

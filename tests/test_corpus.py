@@ -8,7 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from simulate.corpus import CorpusError, default_task, load_corpus, CorpusSpec, write_corpus
+from simulate.corpus import (
+    CorpusError,
+    CorpusSpec,
+    default_task,
+    load_corpus,
+    write_corpus,
+)
 from simulate.hmm import wei2021_hmm
 from simulate.inference import infer
 from simulate.sampling import sample
@@ -30,14 +36,24 @@ def test_round_trip_equals_sample_and_manifest_is_complete(tmp_path):
     assert np.array_equal(corpus.tokens(), ref.tokens) and np.array_equal(corpus.states(), ref.states)
     assert corpus.tokens().dtype == np.uint8
     assert [s["rows"] for s in manifest["shards"]] == [120, 120, 120, 120, 20]
-    # The manifest carries everything needed to rebuild the model: the same HMM as the preset gives.
+    # The corpus carries everything needed to rebuild the model (as .npy files): the same HMM as the preset.
     hmm = wei2021_hmm(5, 9, seed=7)
     assert np.array_equal(corpus.model.trans, hmm.trans) and np.array_equal(corpus.model.emit, hmm.emit)
     on_disk = json.loads((out / "manifest.json").read_text())
     for key in ("preset", "params", "seed", "dtype", "shards", "ftsim_version", "model"):
         assert key in on_disk
-    assert on_disk["params"] == {"num_states": 5, "vocab_size": 9}
+    # Every parameter of the preset is recorded, the defaults filled in.
+    assert on_disk["params"] == {"num_states": 5, "vocab_size": 9, "start_temp": 10.0, "trans_temp": 0.1,
+                                 "emit_temp": 0.1, "num_permutations": None}
+    assert on_disk["format_version"] == 2 and on_disk["dtype"] == "|u1"
     assert len(on_disk["shards"][0]["tokens"]["sha256"]) == 64
+    arrays = on_disk["model"]["arrays"]
+    assert sorted(arrays) == ["emit", "start", "trans"]
+    assert np.array_equal(np.load(out / arrays["emit"]["file"], allow_pickle=False), hmm.emit)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "model-start.npy", "model-trans.npy", "model-emit.npy"]
+        + [f"{k}-{i:05d}.{'txt' if k == 'text' else 'npy'}" for i in range(5)
+           for k in ("tokens", "states", "labels", "text")])
 
 
 def test_labels_are_the_exact_task_labels(tmp_path):
@@ -82,13 +98,14 @@ def test_altered_and_truncated_shards_are_named(tmp_path):
     shard.write_bytes(bytes(data[:-50]))
     with pytest.raises(CorpusError, match=r"tokens-00002\.npy: SHA-256 mismatch.*corrupt, truncated"):
         load_corpus(out)
+    # Without verification the header and the size are still checked: a truncated shard is named.
+    with pytest.raises(CorpusError, match=r"tokens-00002\.npy: holds .* data bytes.*truncated"):
+        load_corpus(out, verify=False)
     shard.unlink()
     with pytest.raises(CorpusError, match=r"tokens-00002\.npy: missing \(listed in manifest shards\[2\]\.tokens\)"):
         load_corpus(out)
-    # Without verification, reading still names the missing shard.
-    corpus = load_corpus(out, verify=False)
     with pytest.raises(CorpusError, match=r"tokens-00002\.npy: missing"):
-        corpus.tokens()
+        load_corpus(out, verify=False)
 
 
 def test_manifest_errors_name_the_field(tmp_path):
@@ -97,26 +114,20 @@ def test_manifest_errors_name_the_field(tmp_path):
     mpath = out / "manifest.json"
     manifest = json.loads(mpath.read_text())
 
+    drop = object()
+
     def rewrite(**changes):
-        m = dict(manifest, **changes)
-        for k, v in list(m.items()):
-            if v is None:
-                del m[k]
+        m = {k: v for k, v in dict(manifest, **changes).items() if v is not drop}
         mpath.write_text(json.dumps(m))
 
-    rewrite(vocab_size=300)
-    with pytest.raises(CorpusError, match=r"manifest\.json: field 'dtype': vocab_size 300 does not fit in dtype uint8"):
+    rewrite(vocab_size=300, params=dict(manifest["params"], vocab_size=300))
+    with pytest.raises(CorpusError, match=r"manifest\.json: dtype: vocab_size 300 does not fit in dtype uint8"):
         load_corpus(out)
-    rewrite(seed=None)
-    with pytest.raises(CorpusError, match=r"missing field 'seed'"):
+    rewrite(seed=drop)
+    with pytest.raises(CorpusError, match=r"manifest\.json: seed: missing field"):
         load_corpus(out)
     rewrite(length="12")
-    with pytest.raises(CorpusError, match=r"field 'length' should be int, got str"):
-        load_corpus(out)
-    bad_model = dict(manifest["model"])
-    bad_model["trans"] = [[1.0] * 5] * 5
-    rewrite(model=bad_model)
-    with pytest.raises(CorpusError, match=r"field 'model': HMM\.trans row 0: sums to 5"):
+    with pytest.raises(CorpusError, match=r"manifest\.json: length: should be int, got str"):
         load_corpus(out)
     mpath.write_text("{not json")
     with pytest.raises(CorpusError, match=r"manifest\.json: invalid JSON at line 1"):
@@ -130,15 +141,19 @@ def test_refuses_non_empty_directory_and_overwrite_replaces(tmp_path):
     out = tmp_path / "c"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(CorpusError, match="directory is not empty"):
-        _write(out)
-    assert (out / "keep.txt").read_text() == "precious"
-    _write(out, overwrite=True, num_sequences=600)
+    for overwrite in (False, True):  # a directory holding anything but a corpus is refused, overwrite or not
+        with pytest.raises(CorpusError, match=r"directory is not empty: 'keep\.txt' is not part of any ftsim corpus"):
+            _write(out, overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    _write(out, num_sequences=600)
     assert len(list(out.glob("tokens-*.npy"))) == 5
+    with pytest.raises(CorpusError, match=r"directory is not empty: it holds a finished corpus of another spec "
+                                          r"\(num_sequences: 600 there, 100 asked\); pass overwrite=True"):
+        _write(out, num_sequences=100)
     _write(out, overwrite=True, num_sequences=100)  # fewer shards: the old extra shards must go
     assert sorted(p.name for p in out.glob("tokens-*.npy")) == ["tokens-00000.npy"]
     assert load_corpus(out).num_sequences == 100
-    assert (out / "keep.txt").exists()  # files that are not ours are left alone
 
 
 def test_vocabulary_too_large_for_dtype(tmp_path):
@@ -147,7 +162,7 @@ def test_vocabulary_too_large_for_dtype(tmp_path):
                      seed=0, dtype="uint8"), progress=False)
     m = write_corpus(tmp_path / "d", CorpusSpec("random", {"num_states": 3, "vocab_size": 300}, num_sequences=2, length=3,
                      seed=0), progress=False)
-    assert m["dtype"] == "uint16"
+    assert m["dtype"] == "<u2"  # recorded with its byte order
     with pytest.raises(CorpusError, match="not an unsigned integer type"):
         write_corpus(tmp_path / "e", CorpusSpec("random", {"num_states": 3, "vocab_size": 3}, num_sequences=2, length=3,
                      seed=0, dtype="int8"), progress=False)

@@ -79,10 +79,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--preset", choices=list(_PRESET_FUNCS), required=True, help="HMM family")
     p.add_argument("--sequences", type=int, required=True, metavar="N", help="number of sequences")
     p.add_argument("--length", type=int, required=True, metavar="T", help="tokens per sequence")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (must be empty)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output directory: empty, or a corpus of this spec (a killed run resumes)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, and the HMM's unless --hmm-seed (0)")
     p.add_argument("--hmm-seed", type=int, default=None, help="seed of the HMM parameters (default: --seed)")
-    p.add_argument("--overwrite", action="store_true", help="replace the corpus a previous run wrote in DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous corpus in DIR (exactly the files its manifest lists)")
     p.add_argument("--states", action="store_true", help="also write hidden states")
     p.add_argument("--labels", action="store_true",
                    help="also write downstream labels y = 1[mu^T P(H_0|x) >= 0] (memory: of P(M|x))")
@@ -122,14 +124,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise InputError(str(exc).removeprefix(f"{name}: "), field=name) from None
     full = {name: params.get(name, default) for name, (_, default) in allowed.items()}
-    spec = CorpusSpec(args.preset, full, num_sequences=args.sequences, length=args.length, seed=args.seed,
-                      hmm_seed=args.hmm_seed, states=args.states, labels=args.labels, text=args.text,
-                      task_support=args.task_support, shard_tokens=args.shard_tokens, dtype=args.dtype)
-    if hasattr(spec, "validate"):
-        spec.validate()
+    try:  # validated on construction, before anything is written
+        spec = CorpusSpec(args.preset, full, num_sequences=args.sequences, length=args.length, seed=args.seed,
+                          hmm_seed=args.hmm_seed, states=args.states, labels=args.labels, text=args.text,
+                          task_support=args.task_support, shard_tokens=args.shard_tokens, dtype=args.dtype)
+    except InputError as exc:
+        raise InputError(exc.message, field="sequences" if exc.field == "num_sequences" else exc.field) from None
     manifest = write_corpus(args.out, spec, overwrite=args.overwrite, progress=not args.no_progress)
+    import numpy as np
+
+    dt = np.dtype(manifest["dtype"])
+    label = dt.name + ("" if dt.byteorder in ("=", "|") or dt.isnative else f" ({dt.str})")
     total = manifest["num_sequences"] * manifest["length"]
-    print(f"wrote {total:,} tokens ({manifest['dtype']}) in {len(manifest['shards'])} shard(s) to {args.out}")
+    print(f"wrote {total:,} tokens ({label}) in {len(manifest['shards'])} shard(s) to {args.out}")
     return 0
 
 

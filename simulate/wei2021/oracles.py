@@ -98,7 +98,7 @@ class DownstreamData:
 
 
 def _joint(model: HMM | MemoryHMM) -> HMM:
-    return model.as_hmm() if isinstance(model, MemoryHMM) else model
+    return model.as_hmm()
 
 
 def mask_posteriors(model: HMM | MemoryHMM, observed: np.ndarray) -> np.ndarray:

@@ -135,7 +135,7 @@ def heldout_set(hmm: HMM | MemoryHMM, num: int, length: int, seed: int, lead: in
     """
     full = sample(hmm, num, lead + length + 1, seed).tokens.astype(np.int64)
     full[:, :lead + 1] = -1
-    joint = hmm.as_hmm() if isinstance(hmm, MemoryHMM) else hmm
+    joint = hmm.as_hmm()
     post0 = infer(hmm, full).posteriors[:, lead]
     return full[:, lead + 1:], post0 @ joint.emit
 
@@ -224,7 +224,7 @@ def pretrain(
     max_len = length + cfg.prompt_slots if max_len is None else max_len
     eval_length = length - 1 if eval_length is None else eval_length
     hmm = spec.build()
-    joint = hmm.as_hmm() if isinstance(hmm, MemoryHMM) else hmm
+    joint = hmm.as_hmm()
     described = {"hmm": spec.describe(), "length": length, "max_len": max_len, "eval_length": eval_length,
                  "cfg": dataclasses.asdict(cfg)}
     init_key = stable_hash({"version": 2, **described})  # the seed of the initial weights derives from it
