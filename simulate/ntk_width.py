@@ -68,15 +68,17 @@ class NTKWidthConfig:
     float64: bool = dataclasses.field(default=True, metadata={"help": "train and compute kernels in float64"})
 
     def __post_init__(self) -> None:
+        from ftsim.core.errors import InputError
+
         if not self.widths or min(self.widths) < 1:
-            raise ValueError(f"widths: need positive widths, got {self.widths}")
-        if not self.seeds:
-            raise ValueError("seeds: need at least one seed")
+            raise InputError(f"need positive widths, got {list(self.widths)}", field="widths")
+        if not self.seeds or min(self.seeds) < 0:
+            raise InputError(f"need at least one seed, all >= 0, got {list(self.seeds)}", field="seeds")
         for name in ("depth", "input_dim", "num_train", "num_test", "steps", "num_classes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
+                raise InputError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        if not self.lr > 0:
+            raise InputError(f"must be > 0, got {self.lr}", field="lr")
 
     @property
     def num_outputs(self) -> int:

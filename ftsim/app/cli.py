@@ -398,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished units are kept in the cache and a rerun resumes", file=sys.stderr)
         return 130
+    except MemoryError as exc:
+        # the eNTK engine's NTKMemoryError names N, C, P and the bytes needed: a one-line answer
+        if type(exc).__name__ != "NTKMemoryError" or os.environ.get("FTSIM_DEBUG"):
+            raise
+        print(f"ftsim {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         from ftsim.app.runner import UnitsFailed
 

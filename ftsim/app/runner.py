@@ -87,7 +87,20 @@ def run_experiment(experiment: Experiment, config: Any, *, preset: str = "custom
     check_output_dir(root)
     device = resolve_device(device)
     out_dir = run_dir_for(experiment.name, config, preset, root)
+    created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_in(experiment, config, preset, out_dir, root, cache, overwrite, device, progress, executor)
+    except (InputError, FileNotFoundError, NotADirectoryError, MemoryError):
+        # bad input found by the run (a data file, a budget): leave no run directory behind
+        if created and not (out_dir / "units.json").exists():
+            import shutil
+
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
+
+
+def _run_in(experiment, config, preset, out_dir, root, cache, overwrite, device, progress, executor):
     write_json(out_dir / "config.json", {"experiment": experiment.name, "preset": preset, "config": config,
                                          "config_hash": config_hash(config), "ftsim_version": ftsim.__version__})
     ctx = RunContext(out_dir=out_dir, cache=cache or cache_for(root), overwrite=overwrite, device=device,

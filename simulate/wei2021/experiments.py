@@ -91,13 +91,20 @@ class _Common:
         return self.length + 1
 
     def check(self) -> None:
-        for name in ("vocab_size", "length", "num_train", "num_val", "num_test", "pretrain_steps", "batch_size"):
+        from ftsim.core.errors import InputError
+
+        for name in ("vocab_size", "length", "num_train", "num_val", "num_test", "pretrain_steps", "batch_size",
+                     "d_model", "num_layers", "num_heads", "eval_every", "eval_sequences", "corpus_sequences"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.hmm_seeds or not self.task_seeds:
-            raise ValueError("hmm_seeds and task_seeds must not be empty")
+                raise InputError(f"must be >= 1, got {getattr(self, name)}", field=name)
+        for name in ("hmm_seeds", "task_seeds"):
+            if not getattr(self, name) or min(getattr(self, name)) < 0:
+                raise InputError(f"need at least one seed, all >= 0, got {list(getattr(self, name))}", field=name)
         if self.oracle_train > self.num_train:
-            raise ValueError(f"oracle_train={self.oracle_train} exceeds num_train={self.num_train}")
+            raise InputError(f"{self.oracle_train} exceeds num_train={self.num_train}", field="oracle_train")
+        if self.d_model % self.num_heads:
+            raise InputError(f"d_model={self.d_model} is not a multiple of num_heads={self.num_heads}",
+                             field="num_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +121,9 @@ class Exp1Config(_Common):
     def __post_init__(self) -> None:
         self.check()
         if not self.num_states or min(self.num_states) < 1:
-            raise ValueError(f"num_states must be non-empty and positive, got {self.num_states}")
+            from ftsim.core.errors import InputError
+
+            raise InputError(f"must be non-empty and positive, got {list(self.num_states)}", field="num_states")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +138,10 @@ class Exp2Config(_Common):
     def __post_init__(self) -> None:
         self.check()
         if not self.num_memory or min(self.num_memory) < 1 or self.num_syntax < 1:
-            raise ValueError(f"num_memory {self.num_memory} and num_syntax {self.num_syntax} must be positive")
+            from ftsim.core.errors import InputError
+
+            raise InputError(f"num_memory {list(self.num_memory)} and num_syntax {self.num_syntax} must be positive",
+                             field="num_memory")
 
     def tuning_config(self):
         return dataclasses.replace(super().tuning_config(), attention_steps=self.attention_steps,
