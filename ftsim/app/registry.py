@@ -19,14 +19,17 @@ VERIFIERS: dict[str, str] = {
     "hmm": "simulate.verify:VERIFIER",
     "wei2021": "simulate.wei2021.verify:VERIFIER",
     "ntk": "simulate.ntk_width:VERIFIER",
+    "lpft": "simulate.lpft:VERIFIER",
 }
 
 EXPERIMENTS: dict[str, str] = {
     "hmm-exactness": "simulate.verify:EXACTNESS",
     "wei2021-exp1": "simulate.wei2021.experiments:EXP1",
     "wei2021-exp2": "simulate.wei2021.experiments:EXP2",
+    "lpft-synthetic": "simulate.lpft:EXPERIMENT",
     "ntk-width": "simulate.ntk_width:EXPERIMENT",
     "malladi": "real_tasks.malladi:EXPERIMENT",
+    "lpft": "real_tasks.lpft:EXPERIMENT",
 }
 
 
