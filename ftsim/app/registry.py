@@ -20,6 +20,7 @@ VERIFIERS: dict[str, str] = {
     "wei2021": "simulate.wei2021.verify:VERIFIER",
     "ntk": "simulate.ntk_width:VERIFIER",
     "lpft": "simulate.lpft:VERIFIER",
+    "pretraining-bound": "simulate.deng2024:VERIFIER",
 }
 
 EXPERIMENTS: dict[str, str] = {
@@ -30,6 +31,7 @@ EXPERIMENTS: dict[str, str] = {
     "ntk-width": "simulate.ntk_width:EXPERIMENT",
     "malladi": "real_tasks.malladi:EXPERIMENT",
     "lpft": "real_tasks.lpft:EXPERIMENT",
+    "deng2024": "simulate.deng2024:EXPERIMENT",
 }
 
 
