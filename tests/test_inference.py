@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulate.hmm import HMM, MemoryHMM, wei2021_hmm
+from simulate import inference
+from simulate.hmm import HMM, MemoryHMM, memory_hmm, wei2021_hmm
 from simulate.inference import (
     MASK,
     backward,
@@ -180,3 +181,143 @@ def test_memory_hmm_with_one_value_reduces_to_plain(hmm, seed):
     np.testing.assert_array_equal(a.posteriors, b.posteriors)
     np.testing.assert_allclose(memory_posterior(mh, tokens), 1.0)
     assert np.array_equal(sample(mh, 5, 7, seed).tokens, sample(hmm, 5, 7, seed).tokens)
+
+
+# --- chunks and threads (issue 11) ---------------------------------------------------------------------------
+# The chunk grid depends only on (B, m), so ``workers`` cannot change a bit by construction; these tests check
+# the part that is an empirical property of BLAS: a sequence's result does not depend on which rows share its
+# chunk. They compare a fine grid (2-5 rows per chunk, threads) with one chunk for the whole batch, bit for bit.
+
+ONE_CHUNK = 1 << 40  # CHUNK_STEP_FLOATS / VITERBI_STEP_FLOATS large enough for any batch to be one chunk
+
+
+def _all_outputs(hmm, tokens, workers):
+    res = infer(hmm, tokens, workers=workers)
+    filt, log_c = forward(hmm, tokens, workers=workers)
+    path, logp = viterbi(hmm, tokens, workers=workers)
+    return {"posteriors": res.posteriors, "log_likelihood": res.log_likelihood, "filtered": res.filtered,
+            "forward": filt, "log_c": log_c, "backward": backward(hmm, tokens, workers=workers),
+            "log_likelihood_fn": log_likelihood(hmm, tokens, workers=workers), "path": path, "log_prob": logp}
+
+
+def _with_grid(hmm, tokens, workers, fb_floats, viterbi_floats):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference, "CHUNK_STEP_FLOATS", fb_floats)
+        mp.setattr(inference, "VITERBI_STEP_FLOATS", viterbi_floats)
+        return _all_outputs(hmm, tokens, workers)
+
+
+def _assert_bitwise(a, b):
+    for name in a:
+        # assert_array_equal treats NaN as equal to NaN (impossible sequences) and checks dtype-independent
+        # values exactly: not a tolerance.
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        assert a[name].shape == b[name].shape, name
+
+
+@st.composite
+def chunked_case(draw):
+    hmm = draw(hmms(max_states=3, max_vocab=4))
+    tokens = draw(token_batches(hmm.vocab_size, max_batch=13, max_length=5))
+    rows = draw(st.integers(2, 5))
+    workers = draw(st.sampled_from([1, 2, 3]))
+    return hmm, tokens, rows, workers
+
+
+@given(chunked_case())
+def test_chunked_threaded_equals_one_chunk_bitwise_and_enumeration(case):
+    hmm, tokens, rows, workers = case
+    m = hmm.num_states
+    one = _with_grid(hmm, tokens, 1, ONE_CHUNK, ONE_CHUNK)
+    many = _with_grid(hmm, tokens, workers, rows * m, rows * m * m)
+    assert len(inference.chunk_slices(len(tokens), rows)) >= min(2, len(tokens) // rows)
+    _assert_bitwise(many, one)
+    for b, row in enumerate(tokens):  # and the chunked answer is the right one
+        if not _possible(hmm, row):
+            continue
+        ll = brute_force_log_likelihood(hmm, row)
+        assert abs(many["log_likelihood"][b] - ll) <= TOL * max(1.0, abs(ll))
+        np.testing.assert_allclose(many["posteriors"][b], brute_force_posteriors(hmm, row), atol=TOL)
+        _, best_logp = brute_force_viterbi(hmm, row)
+        assert abs(many["log_prob"][b] - best_logp) <= TOL * max(1.0, abs(best_logp))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_default_and_fine_grids_equal_one_chunk_bitwise_and_hmmlearn(workers):
+    """A realistic size: m = 32 (the benchmark's), 301 sequences so the default grid has two chunks of 150
+    and 151 rows and a 7-row grid ends in a short chunk; masked positions included."""
+    hmm = wei2021_hmm(32, 64, seed=7)
+    tokens = sample(hmm, 301, 40, seed=8).tokens.astype(np.int64)
+    tokens[::5, 3] = MASK
+    one = _with_grid(hmm, tokens, 1, ONE_CHUNK, ONE_CHUNK)
+    default = _all_outputs(hmm, tokens, workers)
+    assert len(inference.chunk_slices(301, inference.CHUNK_STEP_FLOATS // 32)) == 2
+    _assert_bitwise(default, one)
+    _assert_bitwise(_with_grid(hmm, tokens, workers, 7 * 32, 7 * 32 * 32), one)
+    unmasked = tokens[1:40].copy()
+    unmasked[unmasked < 0] = 0
+    ll_ref, post_ref = hmmlearn_posteriors(hmm, unmasked)
+    ours = infer(hmm, unmasked, workers=workers)
+    np.testing.assert_allclose(ours.log_likelihood, ll_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ours.posteriors, post_ref, atol=1e-10)
+
+
+def test_memory_posterior_is_the_same_for_any_grid_and_workers():
+    mh = memory_hmm(num_memory=3, num_syntax=4, vocab_size=6, seed=2)
+    tokens = sample(mh, 57, 15, seed=3).tokens
+    ref = memory_posterior(mh, tokens)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference, "CHUNK_STEP_FLOATS", 3 * mh.num_states)
+        np.testing.assert_array_equal(memory_posterior(mh, tokens, workers=3), ref)
+    np.testing.assert_allclose(ref.sum(-1), 1.0, atol=1e-12)
+
+
+@given(st.integers(1, 3000), st.integers(1, 400))
+def test_chunk_grid_covers_the_batch_evenly_without_one_row_chunks(num, rows):
+    chunks = inference.chunk_slices(num, rows)
+    bounds = [c.start for c in chunks] + [chunks[-1].stop]
+    assert bounds[0] == 0 and bounds[-1] == num and all(c.step is None for c in chunks)
+    sizes = np.diff(bounds)
+    assert np.all(sizes >= 1) and (num == 1 or np.all(sizes >= 2))
+    assert sizes.max() <= max(2, rows) + 1  # +1: no one-row chunk (B = 3, rows = 2 is one chunk of 3)
+    assert len(chunks) <= -(-num // max(2, rows))
+    assert sizes.max() - sizes.min() <= 1  # even work for threads
+
+
+def test_loop_runs_with_one_blas_thread_and_restores_the_pool():
+    """The forward-backward loop of a large call runs with BLAS held to one thread, whatever the caller set;
+    the caller's setting is back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    if not blas_threads():
+        pytest.skip("numpy reports no BLAS library to threadpoolctl")
+    hmm = wei2021_hmm(32, 64, seed=0)
+    tokens = sample(hmm, 512, 16, seed=1).tokens  # B * T * m^2 = 2^23 = LIMIT_MIN_WORK
+    assert 512 * 16 * 32 * 32 >= inference.LIMIT_MIN_WORK
+    seen = []
+    original = inference._forward_chunk
+
+    def spy(*args):
+        seen.append(blas_threads())
+        return original(*args)
+
+    with threadpool_limits(limits=2, user_api="blas"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference, "_forward_chunk", spy)
+        before = blas_threads()
+        infer(hmm, tokens)
+        after = blas_threads()
+    assert seen and all(s == {1} for s in seen)
+    assert after == before
+
+
+def test_workers_must_be_a_positive_integer():
+    hmm = wei2021_hmm(3, 4, seed=0)
+    tokens = sample(hmm, 4, 5, seed=0).tokens
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+            infer(hmm, tokens, workers=bad)
+        with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+            viterbi(hmm, tokens, workers=bad)
