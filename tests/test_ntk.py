@@ -193,9 +193,18 @@ def test_planner_reports_and_errors():
     text = res.plan.describe()
     assert "streaming" in text and "N1=40" in text and "C=3" in text and "budget" in text
     assert res.plan.estimated_peak_bytes <= res.plan.memory_budget
-    # exact streaming would need more than AUTO_MAX_TILES tiles: auto picks a sketch and says why
+    # exact streaming fits only in many tiles (8 here): auto still prefers it to a sketch, exact, and says why
     res = empirical_ntk(f, p, x, x[:30], memory_budget=8 << 20)
-    assert res.plan.implementation == "sketch" and "tiles" in res.plan.reason and res.error_bound is not None
+    assert res.plan.implementation == "streaming" and res.plan.num_tiles == 8, res.plan.describe()
+    assert "8 tiles" in res.plan.reason and "exact is preferred" in res.plan.reason and res.error_bound is None
+    J1, J2 = jacobian(f, p, x), jacobian(f, p, x[:30])
+    assert torch.allclose(res.matrix(), J1 @ J2.T, rtol=1e-12, atol=1e-12)
+    # no exact plan fits but a sketch does: auto sketches. With C=6 outputs one stored example and one block need
+    # 8.05 MiB, a dim-64 sketch 7.44 MiB (the sketch stores no gradient row; its hashes are per column)
+    f6, p6 = make_mlp(seed=8, width=200, C=6, einsum=True)
+    res = empirical_ntk(f6, p6, x, x[:30], memory_budget=8_100_000)
+    assert res.plan.implementation == "sketch" and res.error_bound is not None, res.plan.describe()
+    assert "no exact plan fits" in res.plan.reason and "8.05 MiB" in res.plan.reason
     # an impossible budget is a clear error naming the sizes
     with pytest.raises(NTKMemoryError) as exc:
         empirical_ntk(f, p, x, memory_budget=100_000)
@@ -282,7 +291,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     out = []
     for impl, budget, sym in (("streaming", 24 << 20, False), ("streaming", 48 << 20, True),
                               ("auto", 16 << 20, False), ("sketch", 16 << 20, True), ("factored", 12 << 20, True),
-                              ("factored", 12 << 20, False), ("jacobian", None, False)):
+                              ("factored", 12 << 20, False), ("auto", 9 << 20, False), ("jacobian", None, False)):
         with PeakMemory() as pm:
             r = empirical_ntk(g if impl == "factored" else f, p, x1, None if sym else x2, implementation=impl,
                               memory_budget=budget)
@@ -304,8 +313,10 @@ def test_measured_peak_memory_stays_under_the_budget():
     for r in rows[:-1]:
         assert r["peak"] <= r["budget"], r
         assert r["estimate"] <= r["budget"], r
-    assert rows[0]["tiles"] > 1 and rows[2]["chosen"] == "sketch"
+    assert rows[0]["tiles"] > 1
+    assert rows[2]["chosen"] == "streaming" and rows[2]["tiles"] > 1  # auto: exact in tiles while they fit
     assert rows[4]["chosen"] == rows[5]["chosen"] == "factored"
+    assert rows[6]["chosen"] == "sketch"  # auto: a sketch only when no exact plan fits
     # The measurement sees the memory: materialising every gradient row (40 examples x 2.6 MB) exceeds the
     # budgets above, and the measured peak is at least the bytes of those rows.
     jac = rows[-1]

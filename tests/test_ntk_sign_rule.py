@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from theory.gram import SIGN_RTOL, mirror_lower, sign_rows
-from theory.ntk import empirical_ntk
+from theory.ntk import empirical_ntk, empirical_ntks
 from theory.oracles import explicit_jacobian, reference_kernel
 
 
@@ -76,3 +76,49 @@ def test_mirror_lower_makes_any_square_matrix_exactly_symmetric():
     assert torch.equal(m, m.T) and torch.equal(m.tril(), low)
     with pytest.raises(ValueError, match="square"):
         mirror_lower(torch.zeros(2, 3))
+
+
+def tiny_gpt2_einsum_head(seed: int = 0):
+    """The tiny GPT-2 body with its tied LM head written ``einsum(h, wte)``, which the factored engine does not
+    capture: the token embedding is then an uncovered tensor (its kernel from the per-example engine)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=31, n_positions=12, n_embd=8, n_layer=2, n_head=2, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).double().eval()
+    model.set_attn_implementation("eager")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p, ids):
+        body = {k[len("transformer."):]: v for k, v in p.items() if k.startswith("transformer.")}
+        h = torch.func.functional_call(model.transformer, body, (ids,)).last_hidden_state[:, -1]  # (B, d)
+        return torch.einsum("nd,vd->nv", h, p["transformer.wte.weight"])[:, [3, 5, 7]]
+
+    return f, params
+
+
+@pytest.mark.parametrize("uncovered", [False, True])
+def test_fused_sign_scales_equal_the_separate_pass(monkeypatch, uncovered):
+    """The factored engine takes the sign rule's row scales from the kernel's own captures (one capture pass
+    fewer); the kernels are bit for bit those of the separate scale pass, with and without an uncovered remainder
+    (whose own scale part still comes from per-example gradients)."""
+    import theory.ntk as ntk
+
+    f, p = tiny_gpt2_einsum_head(1) if uncovered else tiny_gpt2(1)
+    g = torch.Generator().manual_seed(4)
+    x1, x2 = torch.randint(0, 31, (5, 6), generator=g), torch.randint(0, 31, (4, 6), generator=g)
+    J1, J2 = explicit_jacobian(f, p, x1), explicit_jacobian(f, p, x2)
+    for xb, Jb in ((x2, J2), (None, J1)):
+        fused = empirical_ntks(f, p, x1, xb, kernels=("sgd", "signgd", "asigngd"), implementation="factored")
+        monkeypatch.setattr(ntk, "FUSE_SIGN_SCALES", False)
+        separate = empirical_ntks(f, p, x1, xb, kernels=("sgd", "signgd", "asigngd"), implementation="factored")
+        monkeypatch.setattr(ntk, "FUSE_SIGN_SCALES", True)
+        for k in fused:
+            a, b = fused[k], separate[k]
+            assert a.plan.factored["sign_scales"].startswith("from the kernel's captures")
+            assert b.plan.factored["sign_scales"] == "separate capture pass"
+            assert set(a.plan.factored["uncovered"]) == ({"transformer.wte.weight"} if uncovered else set())
+            assert torch.equal(a.kernel, b.kernel), k
+            ref = reference_kernel(k, J1, Jb)
+            assert float((a.matrix() - ref).abs().max() / ref.abs().max()) <= 1e-12

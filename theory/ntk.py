@@ -33,9 +33,11 @@ Jacobians:
   for the SignGD kernels). Unbiased; each entry's standard deviation is at most sqrt(2/k) ||g|| ||g'||
   (``NTKResult.error_bound``; see :mod:`theory.sketch`).
 
-Otherwise ``"auto"`` plans from the memory budget: exact streaming when it fits with at most ``AUTO_MAX_TILES`` tiles,
-otherwise a sketch, and :class:`NTKMemoryError` naming the sizes when nothing fits. The chosen
-:class:`Plan` is returned with the kernel (``result.plan.describe()``).
+Otherwise ``"auto"`` plans from the memory budget: exact streaming whenever it fits, in as many tiles of the
+training side as the budget needs (each tile recomputes the x1 gradients: with N1 ~ N2, t tiles cost about
+(t + 1) / 2 times the gradient work of one tile), a sketch only when no exact plan fits (not even one stored
+example beside one block), and :class:`NTKMemoryError` naming the sizes when nothing fits. The chosen :class:`Plan` is
+returned with the kernel (``result.plan.describe()``); its ``reason`` says why.
 
 Products over each parameter tensor (in column chunks of at most ``PRODUCT_CHUNK`` entries) run in the
 gradients' dtype and are accumulated in ``dtype`` (float64 by default). For exact float64 kernels pass float64
@@ -59,14 +61,13 @@ from theory.sketch import CountSketch, count_sketch, count_sketch_std_bound
 __all__ = [
     "Batch", "ModelFn", "KERNELS", "IMPLEMENTATIONS", "NTKResult", "Plan", "NTKMemoryError",
     "empirical_ntk", "empirical_ntks", "empirical_ntk_fn", "select_parameters", "batch_size_of", "slice_batch",
-    "AUTO_MAX_TILES", "DEFAULT_SKETCH_DIM", "PRODUCT_CHUNK",
+    "DEFAULT_SKETCH_DIM", "PRODUCT_CHUNK",
 ]
 
 KERNELS = ("sgd", "signgd", "asigngd")
 IMPLEMENTATIONS = ("jacobian", "streaming", "sketch", "factored", "auto")
 PER_EXAMPLE = ("auto", "vmap", "loop")
 
-AUTO_MAX_TILES = 4  # beyond this many recomputations of the x1 gradients "auto" prefers a sketch
 DEFAULT_SKETCH_DIM = 4096  # std <= sqrt(2/4096) = 2.2% of ||g|| ||g'|| per entry
 MAX_BLOCK = 64
 SKETCH_CHUNK = 1 << 14  # columns sketched at a time (bounds the signed / cast temporaries)
@@ -713,6 +714,10 @@ def _subset(selection: _Selection, params, names) -> dict[str, Any]:
 FACTORED_CHECK_EXAMPLES = 3
 AUTO_MIN_FACTORED = 0.5  # "auto" factors when at least this share of the selected parameters is covered
 FACTORED_CHECK_TOL = {torch.float64: 1e-10, torch.float32: 1e-3}  # structural errors are O(1)
+# The sign rule's row scales come from the kernel's own captures when every covered tensor is captured in one
+# pass (see theory.ntk_factored); False forces the separate scale pass (kept for groups of tensors), which the
+# benchmark times as the "before".
+FUSE_SIGN_SCALES = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -727,20 +732,72 @@ class _Layout:
     peak: int
 
 
-def _factored_layout(call: _Call, covered: list[str], per_cap: int, per_name: Mapping[str, int], chunk: int,
-                     refuse) -> _Layout | str:
+@dataclasses.dataclass(frozen=True)
+class _Coverage:
+    """What the probe of the factored implementation found: the covered tensors and what their captures need."""
+
+    covered: list[str]
+    uncovered: dict[str, str]  # tensor -> the operation that used it in an uncaptured way
+    covered_params: int
+    per_cap: int  # captured bytes per example
+    per_name: Mapping[str, int]  # captured bytes per example that each tensor needs
+    masks: Mapping[str, torch.Tensor]
+    signature: tuple
+    chunk: int  # bytes of one tensor's gradient rows formed at once
+
+
+def _factored_budget_message(call: _Call, cov: _Coverage, need: int, detail: str) -> str:
     s = call.sizes
+    return (f"memory budget {format_bytes(call.budget)} is too small for the factored eNTK of N1={s.n1}, N2={s.n2} "
+            f"examples, C={s.C} outputs and P={s.P:,} parameters ({cov.covered_params:,} of them captured: "
+            f"{format_bytes(cov.per_cap)} of inputs and output gradients per example, {format_bytes(s.base_bytes)} "
+            f"for the kernel itself): {detail}; it needs at least {format_bytes(need)}. Raise memory_budget, "
+            f"restrict params_subset, or use implementation='auto'.")
+
+
+def _chunk_bytes(budget: int, cpu: bool) -> int:
+    """Bytes of one tensor's gradient rows formed at once: at most a 16th of the budget (4 buffers are reserved)."""
+    return min(fz.chunk_bytes_default(cpu), max(1 << 16, budget // 16))
+
+
+def _factored_need(held: int, cpu: bool) -> int:
+    """The least budget B with B >= held + 4 * _chunk_bytes(B) (the row buffers grow with the budget)."""
+    need = held + 4 * _chunk_bytes(held, cpu)
+    for _ in range(64):  # a contraction (slope <= 1/4): converges in a few steps
+        nxt = held + 4 * _chunk_bytes(need, cpu)
+        if nxt <= need:
+            break
+        need = nxt
+    return need
+
+
+def _factored_layout(call: _Call, cov: _Coverage, refuse) -> _Layout | str:
+    """Blocks and tiles (or groups of tensors) whose captures fit the budget, or a refusal naming the sizes."""
+    s = call.sizes
+    per_cap, per_name = cov.per_cap, cov.per_name
     per_work = int(_WORK_FACTOR * (s.act + per_cap))
-    room0 = call.budget - s.base_bytes - 4 * chunk
-    if room0 <= 0:
-        return refuse(f"budget {format_bytes(call.budget)} leaves no room beside the kernel "
-                      f"({format_bytes(s.base_bytes)})", NTKMemoryError)
-    b = call.batch_size or max(1, min(MAX_BLOCK, max(s.n1, s.n2), (room0 // 4) // max(per_work, 1)))
-    room = room0 - b * per_work
     n_all = s.n1 if call.symmetric else s.n1 + s.n2
-    groups = [covered]
+    fixed = s.base_bytes + 4 * cov.chunk
+    # the least that can be held: two tiles of one example (one if there is a single example), or one tensor's
+    # captures of every example (one pass per tensor)
+    hold_min = min(per_cap * (1 if call.symmetric and s.n1 == 1 else 2),
+                   max(per_name.get(k, 0) for k in cov.covered) * n_all)
+    need = _factored_need(s.base_bytes + (call.batch_size or 1) * per_work + hold_min, s.cpu)
+    room0 = call.budget - fixed
+    if room0 <= 0:
+        return refuse(_factored_budget_message(
+            call, cov, need, f"nothing is left beside the kernel and the row buffers ({format_bytes(fixed)})"),
+            NTKMemoryError)
+    b = call.batch_size or max(1, min(MAX_BLOCK, max(s.n1, s.n2), (room0 // 4) // max(per_work, 1),
+                                      (room0 - hold_min) // max(per_work, 1)))
+    room = room0 - b * per_work
+    groups = [cov.covered]
     if n_all * per_cap > room:  # one capture pass per group of tensors, if the groups fit; else example tiles
-        groups = fz.groups_for(covered, per_name, n_all, room) or [covered]
+        groups = fz.groups_for(cov.covered, per_name, n_all, room) or [cov.covered]
+    if len(groups) == 1 and room < per_cap * (1 if call.symmetric and s.n1 == 1 else 2):
+        return refuse(_factored_budget_message(
+            call, cov, need, f"{format_bytes(max(room, 0))} is left for the captures of blocks of {b} examples"),
+            NTKMemoryError)
     if len(groups) > 1:
         tile1, tile2, tiles = s.n1, s.n2, 1
         held = max(sum(per_name.get(k, 0) for k in g) for g in groups) * n_all // max(per_cap, 1)
@@ -754,14 +811,19 @@ def _factored_layout(call: _Call, covered: list[str], per_cap: int, per_name: Ma
             tile1 = tile2 = max(1, room // (2 * per_cap))
             tiles = math.ceil(s.n2 / tile2)
         held = min(s.n1, tile1) + min(s.n2, tile2)
-    if len(groups) == 1 and room < per_cap * (1 if call.symmetric else 2):
-        return refuse(f"captures need {format_bytes(per_cap)} per example; {format_bytes(max(room, 0))} of the "
-                      f"budget {format_bytes(call.budget)} left for them", NTKMemoryError)
     return _Layout(block=int(b), groups=groups, tile1=int(tile1), tile2=int(tile2), tiles=int(tiles),
-                   peak=int(s.base_bytes + held * per_cap + b * per_work + 4 * chunk))
+                   peak=int(fixed + held * per_cap + b * per_work))
 
 
-def _factored_check(call: _Call, covered: list[str], masks, probe, nv: int, chunk: int, refuse):
+def _setup(call: _Call, cov: _Coverage, names: Sequence[str], block: int, dtype: torch.dtype | None = None,
+           whole: bool = True) -> fz.Setup:
+    """The factored computation of ``names`` (``whole``: all the covered tensors, so the probe's signature holds)."""
+    return fz.Setup(f=call.f, params=call.params, names=tuple(names), masks=cov.masks, C=call.sizes.C,
+                    dtype=dtype or call.dtype, block=block, chunk_bytes=cov.chunk,
+                    signature=cov.signature if whole else None)
+
+
+def _factored_check(call: _Call, cov: _Coverage, nv: int, refuse):
     """The factored SGD kernel of the covered tensors on the first examples against per-example gradients.
 
     The SGD kernel is checked, whatever kernels were asked for: it compares the gradient rows both share, while
@@ -769,14 +831,13 @@ def _factored_check(call: _Call, covered: list[str], masks, probe, nv: int, chun
 
     Returns (check text, relative error or None, examples used), or a refusal."""
     s = call.sizes
-    P_cov = sum(call.selection.sizes[n] for n in covered)
     # as many of the probe's examples as the reference gradients allow, down to 2 (one pair; 1 if there is one)
-    ref_bytes = lambda k: 2 * k * s.C * P_cov * s.grad_bytes  # noqa: E731
+    ref_bytes = lambda k: 2 * k * s.C * cov.covered_params * s.grad_bytes  # noqa: E731
     nc = next((k for k in range(nv, min(2, nv) - 1, -1) if ref_bytes(k) <= call.budget // 2), 0)
     ref = None
     xc = slice_batch(call.x1, 0, nc)
     if nc:
-        sub = call.restricted(_subset(call.selection, call.params, covered), implementation="jacobian",
+        sub = call.restricted(_subset(call.selection, call.params, cov.covered), implementation="jacobian",
                               dtype=torch.float64, progress=False).on_inputs(xc)
         try:
             ref = _compute(sub, ("sgd",), factored=False)["sgd"].matrix()
@@ -786,9 +847,8 @@ def _factored_check(call: _Call, covered: list[str], masks, probe, nv: int, chun
         return (f"skipped (the reference gradients of {min(2, nv)} examples, {format_bytes(ref_bytes(min(2, nv)))}, "
                 f"do not fit half the budget)"), None, nv
     try:
-        (mine,), _, _ = fz.run_factored(call.f, call.params, covered, masks, xc, None, nc, nc, s.C, [(False, False)],
-                                        torch.float64, block=nc, tile1=nc, tile2=nc, chunk_bytes=chunk,
-                                        signature=probe.signature if nc == nv else None)
+        setup = _setup(call, cov, cov.covered, nc, torch.float64, whole=nc == nv)
+        (mine,), _, _, _ = fz.run_factored(setup, xc, None, nc, nc, [(False, False)], tile1=nc, tile2=nc)
     except RuntimeError as exc:
         return refuse(f"capture differs between runs ({exc})")
     scale = float(ref.norm())
@@ -801,29 +861,100 @@ def _factored_check(call: _Call, covered: list[str], masks, probe, nv: int, chun
     return f"SGD kernel, max rel. error {err:.1e} vs per-example gradients (tol {tol:g})", err, nc
 
 
-def _row_scales(call: _Call, covered: list[str], uncovered: list[str], masks, block: int, signature) -> tuple:
-    """||g||_inf over every selected parameter for each row (example, output) of x1 and x2, (n*C,) float64: the
-    scale of the sign rule. One pass of captures (and of per-example gradients for the uncovered tensors)."""
+def _row_scales(call: _Call, setup: fz.Setup | None, uncovered: Sequence[str], need: tuple[bool, bool]) -> tuple:
+    """||g||_inf for each row (example, output) of x1 and x2, (n*C,) float64 (``None`` on a side not in ``need``):
+    over the tensors of ``setup`` from captures of their own (``None``: none) and over the ``uncovered`` tensors
+    from per-example gradients -- the sign rule's scale, or the part of it that the factored kernel's own captures
+    do not provide."""
     s = call.sizes
-    rest = None
+    rest, rest_block = None, 1
     if uncovered:
-        rest = call.restricted(_subset(call.selection, call.params, uncovered)).gradients()
+        sub = call.restricted(_subset(call.selection, call.params, uncovered))
+        rest = sub.gradients()
+        rest_block = max(1, min(MAX_BLOCK, (call.budget // 2) // max(sub.sizes.work_bytes(), 1)))
+    block = setup.block if setup is not None else rest_block
 
     def side(x, n):
-        out = torch.empty(n * s.C, dtype=torch.float64, device=call.device)
+        out = torch.zeros(n * s.C, dtype=torch.float64, device=call.device)
         for a in range(0, n, block):
             e = min(n, a + block)
-            xb = slice_batch(x, a, e)
-            sc = fz.row_scales(call.f, call.params, covered, masks, xb, e - a, s.C, signature)
-            if rest is not None:
-                rows, _ = rest.block(xb)
+            if setup is not None:
+                out[a * s.C:e * s.C] = fz.row_scales(setup, slice_batch(x, a, e), e - a).to(out.device)
+            for r0 in (range(a, e, rest_block) if rest is not None else ()):
+                r1 = min(e, r0 + rest_block)
+                rows, _ = rest.block(slice_batch(x, r0, r1))
                 for g in rows.values():
-                    sc = torch.maximum(sc, row_scale(g).to(sc.device))
-            out[a * s.C:e * s.C] = sc
+                    out[r0 * s.C:r1 * s.C] = torch.maximum(out[r0 * s.C:r1 * s.C], row_scale(g).to(out.device))
         return out
 
-    one = side(call.x1, s.n1)
-    return one, (one if call.symmetric else side(call.x2, s.n2))
+    one = side(call.x1, s.n1) if need[0] else None
+    if call.symmetric:
+        return one, one
+    return one, (side(call.x2, s.n2) if need[1] else None)
+
+
+def _factored_coverage(call: _Call, nv: int, refuse) -> _Coverage | str:
+    """Probe the first ``nv`` examples: which selected tensors the factored engine covers, and their capture sizes."""
+    s, selection = call.sizes, call.selection
+    try:
+        probe = fz.capture_block(call.f, call.params, selection.names, slice_batch(call.x1, 0, nv), nv)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+        return refuse(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+    uncovered = dict(probe.uncovered)
+    covered = [n for n in selection.names if n not in uncovered]
+    if not any(u.name in covered for u in probe.uses):
+        return refuse("no selected tensor enters a captured operation (linear, addmm, embedding, layer/RMS norm, "
+                      "elementwise product)")
+    P_cov = sum(selection.sizes[n] for n in covered)
+    if call.implementation == "auto" and P_cov < AUTO_MIN_FACTORED * s.P:
+        return (f"only {P_cov:,} of {s.P:,} parameters enter captured operations (uncovered: "
+                f"{_some(sorted(uncovered), 3)}), below {AUTO_MIN_FACTORED:.0%}")
+    probe.drop(set(uncovered))
+    return _Coverage(covered=covered, uncovered=uncovered, covered_params=P_cov,
+                     per_cap=max(1, probe.nbytes() // nv),
+                     per_name={k: -(-v // nv) for k, v in probe.bytes_per_name().items()},
+                     masks=_dense_masks(selection, call.params, covered), signature=probe.signature,
+                     chunk=_chunk_bytes(call.budget, s.cpu))
+
+
+def _factored_kernels(call: _Call, cov: _Coverage, layout: _Layout, signs: list[tuple[bool, bool]]):
+    """The factored kernels of the covered tensors (one per entry of ``signs``), the outputs, the sign scales over
+    every selected tensor (for the remainder) and how they were obtained."""
+    s, b, groups = call.sizes, layout.block, layout.groups
+    need = fz.signed_sides(signs, call.symmetric)
+    uncovered = sorted(cov.uncovered)
+    fuse = FUSE_SIGN_SCALES and len(groups) == 1 and any(need)
+    scales, how = (None, None), None
+    if any(need):
+        if fuse:  # the covered part comes from the kernel's captures; the uncovered part first, if any
+            scales = _row_scales(call, None, uncovered, need) if uncovered else (None, None)
+            how = "from the kernel's captures" + (" and per-example gradients of the uncovered tensors"
+                                                  if uncovered else "")
+        else:
+            scales = _row_scales(call, _setup(call, cov, cov.covered, b), uncovered, need)
+            how = "separate capture pass" + (" (tensors captured in groups)" if len(groups) > 1 else "")
+    bar = None
+    if call.progress:
+        from ftsim.core.progress import bar as tqdm
+
+        tiles = layout.tiles
+        n_caps = (math.ceil(s.n1 / b) * (tiles + 1) // 2 * max(1, tiles) if call.symmetric
+                  else math.ceil(s.n2 / b) + tiles * math.ceil(s.n1 / b))
+        bar = tqdm(total=n_caps * len(groups), desc="eNTK (factored)", unit="block")
+    Ks = None
+    for group in groups:
+        setup = _setup(call, cov, group, b, whole=len(groups) == 1)
+        Kg, o1, o2, sc = fz.run_factored(setup, call.x1, call.x2, s.n1, s.n2, signs, tile1=layout.tile1,
+                                         tile2=layout.tile2, bar=bar, scales=scales, fuse_scales=fuse)
+        if Ks is None:
+            Ks, out1, out2, scales = Kg, o1, o2, sc
+        else:
+            for K, k in zip(Ks, Kg):
+                K += k
+        del Kg
+    if bar is not None:
+        bar.close()
+    return Ks, out1, out2, scales, how
 
 
 def _try_factored(call: _Call, kernels: tuple[str, ...]) -> dict[str, NTKResult] | str:
@@ -837,77 +968,36 @@ def _try_factored(call: _Call, kernels: tuple[str, ...]) -> dict[str, NTKResult]
         return why
 
     nv = min(FACTORED_CHECK_EXAMPLES, s.n1)
-    try:
-        probe = fz.capture_block(call.f, call.params, selection.names, slice_batch(call.x1, 0, nv), nv)
-    except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
-        return refuse(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
-    uncovered = dict(probe.uncovered)
-    covered = [n for n in selection.names if n not in uncovered]
-    if not any(u.name in covered for u in probe.uses):
-        return refuse("no selected tensor enters a captured operation (linear, embedding, layer/RMS norm, "
-                      "elementwise product)")
-    P_cov = sum(selection.sizes[n] for n in covered)
-    if requested == "auto" and P_cov < AUTO_MIN_FACTORED * s.P:
-        return (f"only {P_cov:,} of {s.P:,} parameters enter captured operations (uncovered: "
-                f"{_some(sorted(uncovered), 3)}), below {AUTO_MIN_FACTORED:.0%}")
-    probe.drop(set(uncovered))
-    masks = _dense_masks(selection, call.params, covered)
-    signs = [_signs(k) for k in kernels]
-    chunk = min(fz.chunk_bytes_default(s.cpu), max(1 << 16, call.budget // 16))
-
-    checked = _factored_check(call, covered, masks, probe, nv, chunk, refuse)
+    cov = _factored_coverage(call, nv, refuse)
+    if isinstance(cov, str):
+        return cov
+    checked = _factored_check(call, cov, nv, refuse)
     if isinstance(checked, str):
         return checked
     check, check_err, check_n = checked
-    per_cap = max(1, probe.nbytes() // nv)
-    per_name = {k: -(-v // nv) for k, v in probe.bytes_per_name().items()}
-    layout = _factored_layout(call, covered, per_cap, per_name, chunk, refuse)
+    layout = _factored_layout(call, cov, refuse)
     if isinstance(layout, str):
         return layout
-    b, groups = layout.block, layout.groups
-
-    scales = (None, None)
-    if any(a or c for a, c in signs):
-        scales = _row_scales(call, covered, sorted(uncovered), masks, b, probe.signature)
-    thresholds = tuple(None if sc is None else SIGN_RTOL * sc for sc in scales)
-    bar = None
-    if call.progress:
-        from ftsim.core.progress import bar as tqdm
-
-        tiles = layout.tiles
-        n_caps = (math.ceil(s.n1 / b) * (tiles + 1) // 2 * max(1, tiles) if call.symmetric
-                  else math.ceil(s.n2 / b) + tiles * math.ceil(s.n1 / b))
-        bar = tqdm(total=n_caps * len(groups), desc="eNTK (factored)", unit="block")
-    Ks = None
-    for group in groups:
-        Kg, o1, o2 = fz.run_factored(call.f, call.params, group, masks, call.x1, call.x2, s.n1, s.n2, s.C, signs,
-                                     call.dtype, block=b, tile1=layout.tile1, tile2=layout.tile2, chunk_bytes=chunk,
-                                     signature=probe.signature if len(groups) == 1 else None, bar=bar,
-                                     thresholds=thresholds)
-        if Ks is None:
-            Ks, out1, out2 = Kg, o1, o2
-        else:
-            for K, k in zip(Ks, Kg):
-                K += k
-        del Kg
-    if bar is not None:
-        bar.close()
-    info = {"kernels_from_same_captures": list(kernels), "covered_tensors": len(covered), "covered_params": P_cov,
-            "uncovered": uncovered, "check": check, "check_examples": check_n, "check_rel_error": check_err,
-            "capture_bytes_per_example": per_cap, "chunk_bytes": chunk, "capture_groups": len(groups),
-            "sign_scale_pass": scales[0] is not None, "remainder_plan": None}
+    signs = [_signs(k) for k in kernels]
+    Ks, out1, out2, scales, scales_how = _factored_kernels(call, cov, layout, signs)
+    uncovered = cov.uncovered
+    info = {"kernels_from_same_captures": list(kernels), "covered_tensors": len(cov.covered),
+            "covered_params": cov.covered_params, "uncovered": uncovered, "check": check, "check_examples": check_n,
+            "check_rel_error": check_err, "capture_bytes_per_example": cov.per_cap, "chunk_bytes": cov.chunk,
+            "capture_groups": len(layout.groups), "sign_scale_pass": scales_how is not None,
+            "sign_scales": scales_how, "remainder_plan": None}
     why = ("requested" if requested == "factored" else
            "every selected tensor's per-example gradients rebuild from captured inputs and output gradients"
-           if not uncovered else f"{len(covered)} of {len(selection.names)} tensors factor")
+           if not uncovered else f"{len(cov.covered)} of {len(selection.names)} tensors factor")
     exact = f"exact up to {str(call.grad_dtype).replace('torch.', '')} rounding"
     plan = Plan(
         implementation="factored", requested=requested, kernel=kernels[0], num_examples1=s.n1, num_examples2=s.n2,
         symmetric=call.symmetric, num_outputs=s.C, num_params=s.P,
         num_params_total=sum(int(p.numel()) for p in call.params.values()), num_tensors=len(selection.names),
         grad_dtype=str(call.grad_dtype).replace("torch.", ""), dtype=str(call.dtype).replace("torch.", ""),
-        device=str(call.device), batch_size=b, tile_size=layout.tile1, num_tiles=layout.tiles, sketch_dim=None,
-        seed=None, per_example="batched backward", memory_budget=call.budget, estimated_peak_bytes=layout.peak,
-        activation_bytes_per_example=s.act, error=exact, reason=why, factored=info)
+        device=str(call.device), batch_size=layout.block, tile_size=layout.tile1, num_tiles=layout.tiles,
+        sketch_dim=None, seed=None, per_example="batched backward", memory_budget=call.budget,
+        estimated_peak_bytes=layout.peak, activation_bytes_per_example=s.act, error=exact, reason=why, factored=info)
     shape = (s.n1, s.C, s.n2, s.C)
     remainder = {}
     if uncovered:  # kernels of disjoint subsets add: the per-example engine for the rest
@@ -950,24 +1040,22 @@ def _make_plan(s: _Sizes, budget: int, implementation: str, kernel: str, cap: in
         chosen, reason = "sketch", "requested"
         if choice is None:
             _raise_budget(s, budget, kernel, f"a sketch of dim {k or 64} needs at least {format_bytes(need)}")
-    else:
+    else:  # auto: exact whenever an exact plan fits; a sketch only when none does
         choice, need_exact = exact
-        if choice is not None and choice["num_tiles"] <= AUTO_MAX_TILES:
+        if choice is not None:
             chosen = "streaming"
             reason = ("all training-side gradients fit the budget" if choice["num_tiles"] == 1 else
-                      f"training-side gradients fit in {choice['num_tiles']} tiles (<= {AUTO_MAX_TILES})")
+                      f"exact streaming fits the budget with the training side in {choice['num_tiles']} tiles of "
+                      f"<= {choice['tile_size']} examples (x1 gradients computed {choice['num_tiles']} times); "
+                      f"exact is preferred to a sketch whenever an exact plan fits")
         else:
             sk, need_sketch = _plan_sketch(s, budget, cap, k, kernel)
-            if sk is not None:
-                chosen, choice = "sketch", sk
-                reason = ("exact streaming needs " + (f"{exact[0]['num_tiles']} tiles (> {AUTO_MAX_TILES})"
-                          if exact[0] is not None else f"{format_bytes(need_exact)} (> budget)"))
-            elif choice is not None:
-                chosen = "streaming"
-                reason = f"a sketch does not fit; exact streaming in {choice['num_tiles']} tiles"
-            else:
+            if sk is None:
                 _raise_budget(s, budget, kernel, f"exact streaming needs at least {format_bytes(need_exact)} and "
                                                  f"a sketch of dim {k or 64} at least {format_bytes(need_sketch)}")
+            chosen, choice = "sketch", sk
+            reason = (f"no exact plan fits: exact streaming needs at least {format_bytes(need_exact)} "
+                      f"(one stored example and one block), more than the budget")
     if cap is not None and choice["batch_size"] < cap:
         reason += f"; batch_size reduced from {cap} to {choice['batch_size']} to fit the budget"
     dim = choice.get("sketch_dim")

@@ -12,12 +12,26 @@ and each Gram is one wide GEMM over all N*C rows instead of many block products.
 Captured operations (by identity of the parameter tensor passed in, so ``torch.func.functional_call`` models and
 tied weights work):
 
-* ``F.linear`` weight and bias, and ``x @ w.T`` / ``x @ w`` with a 2-d parameter w;
-* ``F.embedding`` weight (rows are scattered by token id; only rows used by both sides are formed);
+* ``F.linear`` weight and bias, ``x @ w.T`` / ``x @ w`` with a 2-d parameter w, and ``torch.addmm(b, x, w)``
+  (GPT-2's ``Conv1D``: ``addmm(bias, x.view(-1, nx), weight)``);
+* ``F.embedding`` weight (rows are scattered by token id; only rows used by both sides are formed), also with an
+  index shared by all examples (position ids of shape (1, T)) whose output is broadcast-added to a batched tensor;
 * ``F.layer_norm`` and ``F.rms_norm`` weight and bias;
 * elementwise ``*`` of a tensor by a parameter broadcast over it (HF's ``RMSNorm``: ``weight * hidden``);
 * ``+`` of a parameter, or of a static slice of one, broadcast over a batched tensor (a bias add, learned
   position embeddings ``x + pos[:T]``).
+
+**Where the examples are.** A tensor is *batched* when its dim 0 is the n examples of the block. A reshape of a
+batched tensor to (n*S, ...) rows (``x.view(-1, nx)``) is still example-major: reshapes follow the logical
+row-major order, so rows ``i*S .. i*S+S-1`` are example i's. The capture records such reshapes (by a weak
+reference, so nothing is kept alive), and a linear map on them stores its input as (n, S, nx) and its output
+gradients as (C, n, S, nf), exactly as if it had been applied to the (n, S, nx) tensor.
+
+**Shared embedding indices.** ``F.embedding(position_ids, wpe)`` with ``position_ids`` of shape (1, T) is the
+same for every example; its output E (1, T, d) is added to a batched (n, T, d) tensor h. The gradient that
+reaches E in a batched backward pass is summed over the examples, so it is captured at the add instead: with
+``delta[c, i, t] = d f_c(x_i) / d (h + E)[i, t]``, the per-example gradient of row r is
+``sum_{t : ids[t] = r} delta[c, i, t]``. Any other use of E makes the table uncovered.
 
 Rows of a tensor that no example touches (vocabulary rows of an unused token, label-word rows of a tied LM head)
 are skipped: their contribution to every product is exactly zero, also after ``sign``.
@@ -27,27 +41,35 @@ kernel is computed by the per-example (vmap) engine and added, which is exact be
 parameter subsets add up. :func:`theory.ntk.empirical_ntk` checks the factored kernel against the per-example
 engine on a few examples before it uses it (models where the example dimension is not the leading one of every
 captured input would fail that check and are computed by the per-example engine instead).
+
+**Sign scales.** The SignGD kernels need ||g||_inf over every selected parameter for each row (example, output)
+before any coordinate is signed (:mod:`theory.gram`). :func:`run_factored` computes it from the captures it takes
+anyway, the first time each tile of examples is captured (each block product needs only the scales of its own two
+tiles); only when the tensors are captured in several groups does the scale need a capture pass of its own
+(:func:`row_scales`), because no single pass sees every tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from theory.batching import slice_batch
-from theory.gram import accumulate, mirror_lower, row_scale
+from theory.gram import SIGN_RTOL, accumulate, mirror_lower, row_scale
 
-__all__ = ["Capture", "capture_block", "FactoredKernel", "run_factored", "row_scales"]
+__all__ = ["Setup", "Capture", "capture_block", "FactoredKernel", "run_factored", "row_scales", "signed_sides"]
 
 _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
+_ADDMM = {torch.addmm, torch.Tensor.addmm}
+_RESHAPE = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten}
 
 
 def _is_transpose(func, args) -> bool:
@@ -62,16 +84,33 @@ def _static_index(index) -> bool:
     """An index made of slices, integers, None and Ellipsis only (a view whose position does not depend on data)."""
     items = index if isinstance(index, tuple) else (index,)
     return all(isinstance(i, (slice, int, type(None), type(Ellipsis))) and not isinstance(i, bool) for i in items)
+
+
 _RMS_NORM = getattr(F, "rms_norm", None)
+
+
+def _tensors_in(args, kwargs):
+    """The tensors among the arguments of a call (in lists, tuples and dicts too). A direct walk: ``tree_flatten``
+    cost a fifth of a tiny GPT-2's capture time."""
+    stack = [kwargs, args]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
 
 
 @dataclasses.dataclass(frozen=True)
 class _Use:
-    kind: str  # "linear" | "embedding" | "norm" | "mul"
+    kind: str  # "linear" | "linear_t" | "embedding" | "norm" | "mul" | "add"
     name: str  # parameter name
     role: str  # "weight" | "bias"
     x: int  # key of the captured input (token ids for embeddings)
     out: int  # index of the captured output
+    # embedding: (padding index, index shared by all examples); norm: (kind, shape, eps); add: (static index,)
     extra: tuple = ()
 
 
@@ -83,23 +122,57 @@ class _CaptureMode(TorchFunctionMode):
         self.uses: list[_Use] = []
         self.inputs: dict[int, torch.Tensor] = {}
         self.outs: list[torch.Tensor] = []
+        self.split: dict[int, int] = {}  # output index -> S: the output's n*S rows are (n, S) example-major
         self.uncovered: dict[str, str] = {}
         self.views: dict[int, tuple[str, Any, torch.Tensor]] = {}  # id(view) -> (name, index, view)
         self.transposed: dict[int, tuple[str, torch.Tensor]] = {}  # id(w.T) -> (name, w.T)
+        self.shared: dict[int, tuple[str, torch.Tensor, torch.Tensor, Any]] = {}  # id(E) -> (name, ids, E, pad)
+        self.flat: dict[int, tuple[weakref.ref, int]] = {}  # id(t) -> (t, S): t reshapes a batched tensor to n*S rows
+        self._alive: list[torch.Tensor] = []  # flattened inputs whose (n, S, ...) view is kept: their ids stay theirs
 
-    def _input(self, t: torch.Tensor) -> int:
+    def _input(self, t: torch.Tensor, S: int = 1) -> int:
+        """Key of a captured input; one with n*S example-major rows is kept as its (n, S, ...) view."""
         key = id(t)
         if key not in self.inputs:
-            self.inputs[key] = t
+            if S == 1:
+                self.inputs[key] = t
+            else:
+                self.inputs[key] = t.reshape(self.n, S, *t.shape[1:])
+                self._alive.append(t)
         return key
 
-    def _out(self, t: torch.Tensor) -> int:
+    def _out(self, t: torch.Tensor, S: int = 1) -> int:
         """Index of a captured operation's output (each is a fresh tensor: no lookup needed)."""
         self.outs.append(t)
+        if S > 1:
+            self.split[len(self.outs) - 1] = S
         return len(self.outs) - 1
 
     def _batched(self, t: Any, min_dim: int = 2) -> bool:
         return isinstance(t, torch.Tensor) and t.dim() >= min_dim and t.shape[0] == self.n
+
+    def _rows_per_example(self, t: Any, min_dim: int = 2) -> int | None:
+        """S when dim 0 of ``t`` holds the block's examples as n*S example-major rows (S = 1: ``t`` is batched);
+        ``None`` when it is not known to."""
+        if not isinstance(t, torch.Tensor) or t.dim() < min_dim:
+            return None
+        if t.shape[0] == self.n:
+            return 1
+        entry = self.flat.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def _tracked(self, t: Any) -> str | None:
+        """The parameter behind ``t`` when ``t`` is a selected parameter or a view / transpose / shared embedding
+        of one that is waiting for the operation that uses it."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        key = id(t)
+        if key in self.by_id:
+            return self.by_id[key]
+        for table in (self.views, self.transposed, self.shared):
+            if key in table:
+                return table[key][0]
+        return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -107,14 +180,30 @@ class _CaptureMode(TorchFunctionMode):
         if captured is not None:
             return captured
         out = func(*args, **kwargs)
+        if func in _RESHAPE and isinstance(out, torch.Tensor) and args:
+            self._note_reshape(args[0], out)
         if self.by_id and isinstance(out, torch.Tensor):
-            for a in tree_flatten((args, kwargs))[0]:
-                if isinstance(a, torch.Tensor) and (id(a) in self.by_id or id(a) in self.views
-                                                    or id(a) in self.transposed):
-                    name = (self.by_id.get(id(a)) or self.views.get(id(a), (None,))[0]
-                            or self.transposed[id(a)][0])
+            for a in _tensors_in(args, kwargs):
+                name = None if a is out else self._tracked(a)  # ``t.to(same dtype)`` returns t: no use
+                if name is not None:
                     self.uncovered.setdefault(name, getattr(func, "__name__", str(func)))
         return out
+
+    def _note_reshape(self, src: Any, out: torch.Tensor) -> None:
+        """Remember ``out`` as n*S example-major rows when it reshapes a batched (or already flattened) tensor."""
+        if (self._rows_per_example(src, 1) is not None and out.dim() >= 1 and out.dtype == src.dtype
+                and out.shape[0] > self.n and out.shape[0] % self.n == 0 and self._tracked(src) is None):
+            self.flat[id(out)] = (weakref.ref(out), out.shape[0] // self.n)
+
+    def _linear_weight(self, w) -> tuple[str | None, str]:
+        """(name, kind) of the weight of ``x @ w``: a parameter (kind ``linear_t``: its rows are input features) or
+        the transpose of one (``linear``)."""
+        name = self.by_id.get(id(w))
+        if name is not None and w.dim() == 2:
+            return name, "linear_t"
+        if id(w) in self.transposed:
+            return self.transposed[id(w)][0], "linear"
+        return None, ""
 
     def _try_capture(self, func, args, kwargs):
         get = self.by_id.get
@@ -122,26 +211,32 @@ class _CaptureMode(TorchFunctionMode):
             x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             wn, bn = get(id(w)), (get(id(b)) if b is not None else None)
-            if (wn or bn) and self._batched(x):
+            S = self._rows_per_example(x)
+            if (wn or bn) and S is not None:
                 out = func(*args, **kwargs)
-                k, o = self._input(x), self._out(out)
+                k, o = self._input(x, S), self._out(out, S)
                 if wn:
                     self.uses.append(_Use("linear", wn, "weight", k, o))
                 if bn:
                     self.uses.append(_Use("linear", bn, "bias", k, o))
                 return out
+        elif func in _ADDMM:
+            return self._try_addmm(func, args, kwargs)
         elif func is F.embedding:
             names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
             a = dict(zip(names, args), **kwargs)
             ids, w = a.get("input"), a.get("weight")
             wn = get(id(w))
-            if (wn and self._batched(ids, 1) and a.get("max_norm") is None and not a.get("scale_grad_by_freq")
-                    and not ids.is_floating_point()):
+            if (wn and isinstance(ids, torch.Tensor) and ids.dim() >= 1 and a.get("max_norm") is None
+                    and not a.get("scale_grad_by_freq") and not ids.is_floating_point()):
                 out = func(*args, **kwargs)
                 pad = a.get("padding_idx")
                 if pad is not None and pad < 0:
                     pad += w.shape[0]
-                self.uses.append(_Use("embedding", wn, "weight", self._input(ids), self._out(out), (pad,)))
+                if self._batched(ids, 1):
+                    self.uses.append(_Use("embedding", wn, "weight", self._input(ids), self._out(out), (pad, False)))
+                else:  # the same index for every example: a use only once it is added to a batched tensor
+                    self.shared[id(out)] = (wn, ids.detach().reshape(1, -1), out, pad)
                 return out
         elif func is F.layer_norm or (_RMS_NORM is not None and func is _RMS_NORM):
             rms = func is not F.layer_norm
@@ -164,15 +259,15 @@ class _CaptureMode(TorchFunctionMode):
             out = func(*args)
             self.transposed[id(out)] = (get(id(args[0])), out)  # a use only once it multiplies (below)
             return out
-        elif func in _MATMUL and len(args) == 2 and not kwargs and self._batched(args[0]):
+        elif func in _MATMUL and len(args) == 2 and not kwargs:
             x, w = args
-            if id(w) in self.transposed:  # x @ w.T == F.linear(x, w)
+            S = self._rows_per_example(x)
+            if S is None or self._tracked(x) is not None:
+                return None
+            wn, kind = self._linear_weight(w)
+            if wn:  # x @ w.T == F.linear(x, w); x @ w: rows of w are input features
                 out = func(*args)
-                self.uses.append(_Use("linear", self.transposed[id(w)][0], "weight", self._input(x), self._out(out)))
-                return out
-            if get(id(w)) and w.dim() == 2 and get(id(x)) is None:  # x @ w: rows of w are input features
-                out = func(*args)
-                self.uses.append(_Use("linear_t", get(id(w)), "weight", self._input(x), self._out(out)))
+                self.uses.append(_Use(kind, wn, "weight", self._input(x, S), self._out(out, S)))
                 return out
         elif func is torch.Tensor.__getitem__ and len(args) == 2 and not kwargs and get(id(args[0])) \
                 and _static_index(args[1]):
@@ -180,18 +275,7 @@ class _CaptureMode(TorchFunctionMode):
             self.views[id(out)] = (get(id(args[0])), args[1], out)  # a use only once it is added (below)
             return out
         elif func in _ADD and len(args) == 2 and not kwargs:
-            a, b = args
-            for p, t in ((a, b), (b, a)):
-                if not isinstance(p, torch.Tensor):
-                    continue
-                pn, index = (get(id(p)), None) if get(id(p)) else (self.views.get(id(p), (None, None))[:2])
-                if pn and self._batched(t, 1) and p.dim() < t.dim() and get(id(t)) is None \
-                        and id(t) not in self.views:
-                    out = func(*args)
-                    if out.shape != t.shape:
-                        return None
-                    self.uses.append(_Use("add", pn, "weight", -1, self._out(out), (index,)))
-                    return out
+            return self._try_add(func, args)
         elif func in _MUL and len(args) == 2 and not kwargs:
             a, b = args
             for p, t in ((a, b), (b, a)):
@@ -205,6 +289,57 @@ class _CaptureMode(TorchFunctionMode):
                     return out
         return None
 
+    def _try_addmm(self, func, args, kwargs):
+        """``addmm(b, x, w)`` = x @ w + b with x of n*S example-major rows, a parameter w (nx, nf) or the transpose
+        of one, and/or a parameter bias b (nf,)."""
+        a = dict(zip(("input", "mat1", "mat2"), args), **kwargs)
+        b, x, w = a.get("input"), a.get("mat1"), a.get("mat2")
+        if a.get("beta", 1) != 1 or a.get("alpha", 1) != 1 or a.get("out") is not None:
+            return None
+        S = self._rows_per_example(x)
+        if S is None or x.dim() != 2 or self._tracked(x) is not None:
+            return None
+        wn, kind = self._linear_weight(w)
+        bn = self.by_id.get(id(b)) if isinstance(b, torch.Tensor) else None
+        if bn is not None and tuple(b.shape) != (w.shape[-1],):
+            return None  # a bias of another shape: uncovered
+        if (wn is None and self._tracked(w) is not None) or (bn is None and self._tracked(b) is not None):
+            return None  # a view of a parameter in a place not captured: uncovered
+        if wn is None and bn is None:
+            return None
+        out = func(*args, **kwargs)
+        k, o = self._input(x, S), self._out(out, S)
+        if wn:
+            self.uses.append(_Use(kind, wn, "weight", k, o))
+        if bn:
+            self.uses.append(_Use("linear", bn, "bias", k, o))
+        return out
+
+    def _try_add(self, func, args):
+        """``t + p``: a parameter or a static slice of one broadcast over a batched t, or an embedding E with an
+        index shared by all examples broadcast over the example dim of t."""
+        get = self.by_id.get
+        a, b = args
+        for p, t in ((a, b), (b, a)):
+            if not isinstance(p, torch.Tensor) or not self._batched(t, 1) or self._tracked(t) is not None:
+                continue
+            if id(p) in self.shared:
+                name, ids, _, pad = self.shared[id(p)]
+                lead = (1,) * (t.dim() - p.dim())
+                if p.dim() > t.dim() or lead + tuple(p.shape) != (1, *t.shape[1:]):
+                    return None  # broadcast over more than the examples: uncovered
+                out = func(*args)
+                self.uses.append(_Use("embedding", name, "weight", self._input(ids), self._out(out), (pad, True)))
+                return out
+            pn, index = (get(id(p)), None) if get(id(p)) else (self.views.get(id(p), (None, None))[:2])
+            if pn and p.dim() < t.dim():
+                out = func(*args)
+                if out.shape != t.shape:
+                    return None
+                self.uses.append(_Use("add", pn, "weight", -1, self._out(out), (index,)))
+                return out
+        return None
+
 
 @dataclasses.dataclass
 class Capture:
@@ -213,8 +348,10 @@ class Capture:
     Attributes:
         n: examples in the block.
         uses: the captured operations, in forward order.
-        inputs: input key -> detached input (token ids for embeddings).
-        deltas: output index -> (C, n, *out_shape) gradient of the C outputs (``None`` if no output depends on it).
+        inputs: input key -> detached input (token ids for embeddings, (1, S) when shared by all examples; an
+            input of n*S example-major rows as its (n, S, ...) view).
+        deltas: output index -> (C, n, *out_shape) gradient of the C outputs (``None`` if no output depends on it;
+            an output of n*S example-major rows as (C, n, S, ...)).
         outputs: (n, C) model outputs.
         uncovered: selected tensor -> the operation that used it in an uncaptured way.
     """
@@ -293,6 +430,9 @@ def capture_block(f, params: Mapping[str, torch.Tensor], names: Sequence[str], x
             for i, gi in zip(needs, g):
                 deltas[i].append(gi)
     stacked = [torch.stack(d) if d and all(t is not None for t in d) else None for d in deltas]
+    for i, S in mode.split.items():  # (C, n*S, ...) -> (C, n, S, ...): rows i*S .. i*S+S-1 are example i's
+        if stacked[i] is not None:
+            stacked[i] = stacked[i].reshape(C, n, S, *stacked[i].shape[2:])
     inputs = {k: v.detach() for k, v in mode.inputs.items()}
     return Capture(n, mode.uses, inputs, stacked, y.detach(), dict(mode.uncovered))
 
@@ -423,7 +563,8 @@ def rows_of(cap: Capture, name: str, p: torch.Tensor, idx: torch.Tensor, C: int,
             for c in range(C):
                 put(c, b1=x.transpose(1, 2), b2=dd[c])
         elif u.kind == "embedding":
-            ids = cap.inputs[u.x].reshape(cap.n, -1)  # (n, S)
+            shared = u.extra[1]  # one (1, S) index for every example
+            ids = cap.inputs[u.x].reshape(1 if shared else cap.n, -1).expand(cap.n, -1)  # (n, S)
             dd = d.reshape(C, cap.n, ids.shape[1], -1)  # (C, n, S, width)
             pos = torch.full((rows,), -1, dtype=torch.long, device=ids.device)
             pos[idx] = torch.arange(k, device=ids.device)
@@ -597,14 +738,48 @@ def tiles_for(n: int, per_example: int, room: int, symmetric: bool) -> tuple[int
     return math.ceil(n / tiles), tiles
 
 
-def capture_tile(f, params, names, x, start: int, stop: int, block: int, signature: tuple | None,
-                 bar=None) -> list[Capture]:
-    """Captures of examples ``start:stop`` in blocks of ``block``, each checked against ``signature`` (the captured
-    operations of the first block): a block that captured different operations raises ``RuntimeError``."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every capture and kernel block of one factored computation shares.
+
+    Attributes:
+        f: the model function ``f(params, batch) -> (B, C)``.
+        params: every parameter of the model (name -> tensor, on the device).
+        names: the tensors captured and contracted (the covered ones, or one group of them).
+        masks: name -> boolean mask of its selected entries (absent: the whole tensor).
+        C: outputs per example.
+        dtype: accumulation and output dtype of the kernels.
+        block: examples per capture (one batched forward and C batched backward passes).
+        chunk_bytes: bytes of one tensor's gradient rows formed at once.
+        signature: the captured operations every block must show (``None``: those of the first block).
+    """
+
+    f: Any
+    params: Mapping[str, torch.Tensor]
+    names: tuple[str, ...]
+    masks: Mapping[str, torch.Tensor]
+    C: int
+    dtype: torch.dtype
+    block: int
+    chunk_bytes: int
+    signature: tuple | None = None
+
+    def kernel(self) -> FactoredKernel:
+        return FactoredKernel(self.params, self.names, self.masks, self.C, self.chunk_bytes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[self.names[0]].device
+
+
+def capture_tile(setup: Setup, x, start: int, stop: int, bar=None) -> list[Capture]:
+    """Captures of examples ``start:stop`` in blocks of ``setup.block``, each checked against the signature (the
+    captured operations of the first block): a block that captured different operations raises ``RuntimeError``."""
     caps = []
-    for s in range(start, stop, block):
-        e = min(stop, s + block)
-        cap = capture_block(f, params, names, slice_batch(x, s, e), e - s)
+    signature = setup.signature
+    for s in range(start, stop, setup.block):
+        e = min(stop, s + setup.block)
+        cap = capture_block(setup.f, setup.params, setup.names, slice_batch(x, s, e), e - s)
         if signature is None:
             signature = cap.signature
         elif cap.signature != signature:
@@ -626,44 +801,85 @@ def _by_output(v: torch.Tensor, C: int) -> torch.Tensor:
     return v.reshape(-1, C).T.reshape(-1)
 
 
-def row_scales(f, params, names: Sequence[str], masks: Mapping[str, torch.Tensor], x, n: int, C: int,
-               signature: tuple | None) -> torch.Tensor:
-    """||g||_inf over the tensors ``names`` for each row (example, output) of the n examples x: (n*C,) float64,
-    rows ordered (i, c), from one capture of the block."""
-    caps = capture_tile(f, params, names, x, 0, n, n, signature)
-    fk = FactoredKernel(params, names, masks, C, chunk_bytes_default(params[names[0]].device.type == "cpu"))
-    return _by_example(fk.row_scale(caps), C)
+def row_scales(setup: Setup, x, n: int) -> torch.Tensor:
+    """||g||_inf over the tensors ``setup.names`` for each row (example, output) of the n examples x: (n*C,)
+    float64, rows ordered (i, c), from a capture of their own (see :class:`_SignScales` for the fused way)."""
+    return _by_example(setup.kernel().row_scale(capture_tile(setup, x, 0, n)), setup.C)
 
 
-def run_factored(f, params, names: Sequence[str], masks: Mapping[str, torch.Tensor], x1, x2,
-                 n1: int, n2: int, C: int, signs: Sequence[tuple[bool, bool]], dtype: torch.dtype, *, block: int,
-                 tile1: int, tile2: int, chunk_bytes: int, signature: tuple | None, bar=None,
-                 thresholds: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)):
-    """The factored kernels (n1*C, n2*C) (rows (example, output)) over the covered tensors ``names``, one per entry
+def signed_sides(signs: Sequence[tuple[bool, bool]], symmetric: bool) -> tuple[bool, bool]:
+    """(x1 needs sign scales, x2 needs them) for kernels with these (x1 sign, x2 sign); symmetric: x2 is x1."""
+    one = any(a for a, _ in signs) or (symmetric and any(b for _, b in signs))
+    return one, (not symmetric and any(b for _, b in signs))
+
+
+class _SignScales:
+    """The sign rule's row scales ||g||_inf of one side of the kernel, (n*C,) float64 ordered (example, output).
+
+    ``given`` is either the complete scale (computed elsewhere: ``fuse=False``) or, with ``fuse=True``, the
+    scale of the tensors this computation does not capture (``None``: there are none); each tile's scale is then
+    completed from its captures the first time the tile is captured, before any of its rows is signed."""
+
+    def __init__(self, n: int, C: int, given: torch.Tensor | None, fuse: bool, device: torch.device):
+        self.C, self.fuse = C, fuse
+        if fuse:
+            self.scale = (torch.zeros(n * C, dtype=torch.float64, device=device) if given is None
+                          else given.to(device=device, dtype=torch.float64).clone())
+        else:
+            self.scale = None if given is None else given.to(device)
+        self.done = torch.zeros(n, dtype=torch.bool)
+
+    def add(self, fk: FactoredKernel, caps: Sequence[Capture], start: int) -> None:
+        """Complete the scale of the examples of ``caps`` (starting at ``start``) from their captures, once."""
+        n = sum(c.n for c in caps)
+        if not self.fuse or bool(self.done[start:start + n].all()):
+            return
+        rows = slice(start * self.C, (start + n) * self.C)
+        self.scale[rows] = torch.maximum(self.scale[rows], _by_example(fk.row_scale(caps), self.C))
+        self.done[start:start + n] = True
+
+    def thresholds(self, start: int, n: int) -> torch.Tensor | None:
+        """tau * ||g||_inf of examples ``start:start+n``, ordered (output, example) like the kernel blocks."""
+        if self.scale is None:
+            return None
+        return SIGN_RTOL * _by_output(self.scale[start * self.C:(start + n) * self.C], self.C)
+
+
+def run_factored(setup: Setup, x1, x2, n1: int, n2: int, signs: Sequence[tuple[bool, bool]], *, tile1: int,
+                 tile2: int, bar=None, scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                 fuse_scales: bool = False):
+    """The factored kernels (n1*C, n2*C) (rows (example, output)) over the tensors ``setup.names``, one per entry
     of ``signs`` ((sign on the x1 side, sign on the x2 side)), from the same captures, with the outputs at x1 and
     x2. ``x2=None``: symmetric. Tiles of ``tile1`` / ``tile2`` examples bound the captures held at once (the tile
-    of the outer loop is kept, inner tiles are recaptured). ``thresholds``: (n1*C,) and (n2*C,) thresholds of the
-    sign rule per row (example, output), needed when a side is signed."""
+    of the outer loop is kept, inner tiles are recaptured).
+
+    ``scales``: (n1*C,) and (n2*C,) row scales ||g||_inf of the sign rule, rows (example, output), needed on a
+    signed side: the complete scales, or with ``fuse_scales`` the scales of the selected tensors *not* in
+    ``setup.names`` (``None``: there are none), completed here from the kernel's own captures.
+
+    Returns:
+        (kernels, outputs at x1, outputs at x2, (scale of x1, scale of x2)): the complete scales (``None`` on a
+        side that no kernel signs), for the per-example remainder.
+    """
     symmetric = x2 is None
-    fk = FactoredKernel(params, names, masks, C, chunk_bytes)
-    dev = params[names[0]].device
+    C, dtype = setup.C, setup.dtype
+    fk = setup.kernel()
+    dev = setup.device
     Ks = [torch.zeros(n1 * C, n2 * C, dtype=dtype, device=dev) for _ in signs]
-    t1 = thresholds[0]
-    t2 = t1 if symmetric else thresholds[1]
+    need1, need2 = signed_sides(signs, symmetric)
+    sc1 = _SignScales(n1, C, scales[0] if need1 else None, fuse_scales and need1, dev)
+    sc2 = sc1 if symmetric else _SignScales(n2, C, scales[1] if need2 else None, fuse_scales and need2, dev)
 
     def cap(x, s, e):
-        return capture_tile(f, params, names, x, s, e, block, signature, bar)
-
-    def thr(t, start, n):
-        return None if t is None else _by_output(t[start * C:(start + n) * C], C).to(dev)
+        return capture_tile(setup, x, s, e, bar)
 
     def put(A, B, r0, c0, same: bool, which=None):
-        # rows: examples r0.. of x1; columns: examples c0.. of x2 (of x1 when symmetric: then t2 is t1)
+        # rows: examples r0.. of x1; columns: examples c0.. of x2 (of x1 when symmetric: then sc2 is sc1)
         which = range(len(signs)) if which is None else which
         nA, nB = sum(c.n for c in A), sum(c.n for c in B)
         tmps = {k: torch.zeros(C * nA, C * nB, dtype=dtype, device=dev) for k in which}
-        tA = thr(t1, r0, nA)
-        tB = None if same else thr(t2, c0, nB)
+        tA = sc1.thresholds(r0, nA)
+        tB = None if same else sc2.thresholds(c0, nB)
         fk.block([(tmps[k], signs[k]) for k in which], A, None if same else B, (tA, tB))
         for k in which:
             Ks[k][r0 * C:(r0 + nA) * C, c0 * C:(c0 + nB) * C] = reorder(tmps[k], C, nA, nB)
@@ -676,6 +892,7 @@ def run_factored(f, params, names: Sequence[str], masks: Mapping[str, torch.Tens
         for I, sI in enumerate(starts):
             eI = min(n1, sI + tile1)
             A = cap(x1, sI, eI)
+            sc1.add(fk, A, sI)  # tiles before this one were scaled when they were captured as A
             out1[sI:eI] = torch.cat([c.outputs for c in A]).to(dtype)
             put(A, A, sI, sI, True)
             for sJ in starts[:I]:
@@ -689,19 +906,21 @@ def run_factored(f, params, names: Sequence[str], masks: Mapping[str, torch.Tens
                     put(B, A, sJ, sI, False, asym)
                 del B
             del A
-        return Ks, out1, out1
+        return Ks, out1, out1, (sc1.scale, sc1.scale)
     held1 = None
     for sJ in range(0, n2, tile2):
         eJ = min(n2, sJ + tile2)
         B = cap(x2, sJ, eJ)
+        sc2.add(fk, B, sJ)
         out2[sJ:eJ] = torch.cat([c.outputs for c in B]).to(dtype)
         for sI in range(0, n1, tile1):
             eI = min(n1, sI + tile1)
             A = held1 if held1 is not None else cap(x1, sI, eI)
             if sJ == 0:
+                sc1.add(fk, A, sI)
                 out1[sI:eI] = torch.cat([c.outputs for c in A]).to(dtype)
             if tile1 >= n1:
                 held1 = A
             put(A, B, sI, sJ, False)
         del B
-    return Ks, out1, out2
+    return Ks, out1, out2, (sc1.scale, sc2.scale)
