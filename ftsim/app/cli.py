@@ -175,7 +175,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 def _add_run(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("run", formatter_class=_Help, add_help=False, help="run an experiment with a preset",
+    p = sub.add_parser("run", allow_abbrev=False, formatter_class=_Help, add_help=False, help="run an experiment with a preset",
                        usage="ftsim run NAME [--preset PRESET] [--FIELD VALUE ...] [--out DIR] [--overwrite] "
                              "[--device DEV] [--no-progress]",
                        description="Run an experiment. Each experiment's config fields become flags; "
@@ -193,7 +193,8 @@ def _add_run(sub) -> argparse.ArgumentParser:
 def _experiment_parser(exp) -> argparse.ArgumentParser:
     from ftsim.core.config import add_config_arguments
 
-    p = argparse.ArgumentParser(prog=f"ftsim run {exp.name}", description=exp.help, formatter_class=_Help)
+    p = argparse.ArgumentParser(prog=f"ftsim run {exp.name}", description=exp.help, formatter_class=_Help,
+                                allow_abbrev=False)  # "--p" is a field of some experiments, not "--preset"
     add_config_arguments(p, exp.config_cls, exp.presets)
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="results root (default: $FTSIM_RESULTS or ./results)")

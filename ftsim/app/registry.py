@@ -21,6 +21,8 @@ VERIFIERS: dict[str, str] = {
     "ntk": "simulate.ntk_width:VERIFIER",
     "lpft": "simulate.lpft:VERIFIER",
     "pretraining-bound": "simulate.deng2024:VERIFIER",
+    "sparse": "simulate.sparse:VERIFIER",
+    "smart": "simulate.smart:VERIFIER",
 }
 
 EXPERIMENTS: dict[str, str] = {
@@ -32,6 +34,10 @@ EXPERIMENTS: dict[str, str] = {
     "malladi": "real_tasks.malladi:EXPERIMENT",
     "lpft": "real_tasks.lpft:EXPERIMENT",
     "deng2024": "simulate.deng2024:EXPERIMENT",
+    "sparse-synthetic": "simulate.sparse:EXPERIMENT",
+    "sparse": "real_tasks.sparse:EXPERIMENT",
+    "smart-synthetic": "simulate.smart:EXPERIMENT",
+    "smart": "real_tasks.smart:EXPERIMENT",
 }
 
 

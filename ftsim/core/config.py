@@ -98,7 +98,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, presets: Ma
             dest=f"cfg__{field.name}",
             metavar=_type_label(tp),
             default=None,
-            help=(help_text + " " if help_text else "") + f"[{values}]",
+            # argparse %-formats help strings: a literal "%" (e.g. "10% of the examples") must be doubled
+            help=((help_text + " " if help_text else "") + f"[{values}]").replace("%", "%%"),
         )
 
 
