@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from ftsim.core.claims import Claim
 from ftsim.core.errors import InputError
 from ftsim.core.experiment import Experiment, RunContext, UnitSpec, Verifier
-from ftsim.core.io import write_table
-from ftsim.core.tables import paired_difference, summarize
+from ftsim.core.io import atomic_write_text, write_table
+from ftsim.core.tables import markdown_table, paired_difference, summarize
 from simulate.hmm import HMM, wei2021_hmm
 from simulate.sampling import sample
 from simulate.wei2021.models import SmallTransformer, TransformerConfig, cosine_lr
@@ -688,7 +688,38 @@ def run(config: DengConfig, ctx: RunContext) -> dict:
     write_table(ctx.out_dir / "world", world_rows)
     write_table(ctx.out_dir / "transfer_fit", d1)
     write_table(ctx.out_dir / "radreg", d2)
+    atomic_write_text(ctx.out_dir / "tables.md", tables_markdown(d1, d2))
     return {"headline": _headline(d1, d2, config), "transfer_fit": d1, "radreg": d2}
+
+
+def tables_markdown(d1: list[dict], d2: list[dict]) -> str:
+    """The D1 and D2 tables as markdown (sample s.d. in parentheses, 95% t intervals in brackets)."""
+    def ci(lo: float, hi: float, digits: int = 3, sign: str = "+") -> str:
+        return f"[{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+
+    rows = [[r["rep"], f"{r['beta_mean']:.2f} ({r['beta_std']:.2f}), {r['beta_n']} runs",
+             ci(r["beta_ci_low"], r["beta_ci_high"], 2, ""),
+             f"{r['pooled_beta']:.2f}, {r['pooled_c_envelope']:.3f}, {r['pooled_c_ls']:.3f}, {r['fit_r2']:.2f}",
+             f"{100 * r['held_out_holds']:.0f}% of {r['held_out_points']} (min ratio {r['held_out_min_ratio']:.2f})",
+             f"{100 * r['bound_holds']:.0f}% of {r['bound_cases']}, median bound/excess {r['bound_median_ratio']:.0f}x"]
+            for r in d1]
+    out = ["D1, transferability T_B <= C_beta E_pre^beta over checkpoints (plain runs, B = "
+           f"{d1[0]['head_norm']:g}): beta per run, mean (sample s.d.) and 95% t interval; pooled fit "
+           "(beta, envelope C_beta, least-squares C, R^2 of the fit on all but the held-out seed); the envelope on "
+           "the held-out seed; the excess-risk bound over every (checkpoint, labelled draw).", "",
+           markdown_table(["representation", "beta", "95% CI", "pooled beta, C_beta, C_LS, R^2",
+                           "held-out seed: C_beta E^beta >= T", "bound holds"], rows)] if d1 else []
+    keys = (("rad_mean", "Rademacher term"), ("feature_rms", "feature rms"), ("pre_excess", "pretraining excess"),
+            ("excess_mean", "downstream excess"), ("transfer", "transfer term"))
+    rows2 = [[f"d={r['d_model']}, {r['rep']}, B={r['head_norm']:g}, lambda={r['radreg']:g}", label,
+              f"{r[f'{k}_plain']:.4f} ({r[f'{k}_plain_std']:.4f})", f"{r[f'{k}_reg']:.4f} ({r[f'{k}_reg_std']:.4f})",
+              f"{r[f'{k}_diff']:+.4f} {ci(r[f'{k}_ci_low'], r[f'{k}_ci_high'], 4)}", r[f"{k}_reading"]]
+             for r in d2 if r["rep"] == "hidden" for k, label in keys]
+    if rows2:
+        out += ["", "D2, RadReg against plain masked-LM pretraining at the final checkpoint, paired by seed (hidden "
+                "representation): mean (sample s.d.), paired difference with its 95% t interval.", "",
+                markdown_table(["setting", "metric", "plain", "RadReg", "difference [95% CI]", "reading"], rows2)]
+    return "\n".join(out) + "\n"
 
 
 def _headline(d1: list[dict], d2: list[dict], config: DengConfig) -> str:

@@ -182,6 +182,8 @@ def test_experiment_end_to_end_and_resume(tmp_path, one_torch_thread):
         assert (out / f"{name}.jsonl").exists(), name
     for stem in ("deng2024_transfer", "deng2024_radreg"):
         assert (out / f"{stem}.png").exists()
+    md = (out / "tables.md").read_text()
+    assert md.count("| hidden") >= 1 and "RadReg" in md and "lambda=0.5" in md  # D1 and D2 rendered from the rows
     ck = read_jsonl(out / "checkpoints.jsonl")
     assert {r["radreg"] for r in ck} == {0.0, 0.5} and {r["step"] for r in ck} == {0, 10, 40}
     first = (out / "checkpoints.jsonl").read_bytes()

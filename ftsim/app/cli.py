@@ -29,7 +29,7 @@ EPILOG = """examples:
 `ftsim COMMAND --help` explains each command."""
 
 # Preset parameters exposed by ``ftsim generate``, with their types (seed is handled separately).
-_PRESET_FUNCS = {"wei2021": "wei2021_hmm", "memory": "memory_hmm", "random": "random_hmm"}
+_PRESET_FUNCS = {"wei2021": "wei2021_hmm", "memory": "memory_hmm", "random": "random_hmm", "ginc": "ginc_hmm"}
 
 
 def _preset_params() -> dict[str, dict[str, tuple[type, object]]]:
@@ -73,7 +73,10 @@ def _add_generate(sub) -> None:
             "presets:\n"
             "  wei2021  Wei, Xie & Ma 2021: permutation-mixture transitions, softmax emissions\n"
             "  memory   memory-augmented HMM: a memory value per sequence x a syntax chain\n"
-            "  random   Dirichlet rows (--concentration)"),
+            "  random   Dirichlet rows (--concentration)\n"
+            "  ginc     Xie et al. 2021 GINC: mixture of concept HMMs on (value, slot) states, a memory matrix\n"
+            "           emits one token per state, slot 0 emits the delimiter 0; OOD concepts have prior 0\n"
+            "           (states: joint index concept * V * S + value * S + slot)"),
         epilog=("example:\n  ftsim generate --preset wei2021 --num-states 10 --vocab-size 10 --sequences 100000 "
                 "--length 128 --seed 0 --out corpora/wei2021"))
     p.add_argument("--preset", choices=list(_PRESET_FUNCS), required=True, help="HMM family")

@@ -191,10 +191,61 @@ def _bench(name: str) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+# Markdown tables an experiment writes into its run directory (rendered there, with its tables), shown in README as
+# block ``<experiment>.<stem>``: experiment -> (stems, figure stems to copy into figures/out/). Synthetic experiments
+# are collected from their newest quick run, real-LM ones from their newest run of any preset on a real model.
+# A figure stem is "name" (copied as figures/out/name.*) or "name>stored" (copied as figures/out/stored.*).
+MD_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "lpft-synthetic": (("comparison",), ("lpft>lpft_synthetic",)),
+    "sparse-synthetic": (("tables",), ("sparse_synthetic",)),
+    "smart-synthetic": (("comparison", "claims"), ("smart_synthetic",)),
+    "deng2024": (("tables",), ("deng2024_transfer", "deng2024_radreg")),
+    "lpft": (("comparison",), ("lpft",)),
+    "sparse": (("comparison",), ("sparse",)),
+    "smart": (("comparison", "claims"), ("smart",)),
+}
+_REAL = ("lpft", "sparse", "smart")
+
+
+def _md_block(exp: str, stem: str) -> str:
+    p = MEASURED / exp / f"{stem}.md"
+    if not p.is_file():
+        return _missing(f"`ftsim run {exp}`")
+    src = MEASURED / exp / "source.json"
+    text = p.read_text(encoding="utf-8").strip() + "\n"
+    if src.is_file():
+        info = read_json(src)
+        text += f"\n*(run `{info['run']}`, preset `{info['preset']}`.)*\n"
+    return text
+
+
+def _bench_block(name: str) -> str:
+    data = _bench(name)
+    if data is None:
+        return f"*(no stored benchmark: run `python benchmarks/{name}.py`)*\n"
+    return _BENCH_RENDERERS[name](data)
+
+
+def _hmm_bench(d: dict) -> str:
+    rows = []
+    for cond in ("idle", "loaded"):
+        c = d.get("conditions", {}).get(cond)
+        if not c:
+            continue
+        for what in ("sampling", "posteriors"):
+            r = c[what]
+            rows.append([cond, what, f"{r['ftsim_tokens_per_s']:.3g}", f"{r['hmmlearn_tokens_per_s']:.3g}",
+                         f"{r['dynamax_tokens_per_s']:.3g}" if r.get("dynamax_tokens_per_s") else "—",
+                         f"**{r['ratio_vs_hmmlearn']:.0f}×**",
+                         f"**{r['ratio_vs_dynamax']:.1f}×**" if r.get("ratio_vs_dynamax") else "—"])
+    return markdown_table(["condition", "measure (tokens/s)", "ftsim", "hmmlearn", "dynamax", "vs hmmlearn",
+                           "vs dynamax"], rows)
+
+
+_BENCH_RENDERERS: dict[str, Callable[[dict], str]] = {"bench_hmm": _hmm_bench}
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
-    "verify-hmm": lambda: _claims_block("hmm"),
-    "verify-wei2021": lambda: _claims_block("wei2021"),
-    "verify-ntk": lambda: _claims_block("ntk"),
     "quick-summary": _quick_summary,
     "wei2021-exp1": _exp1,
     "wei2021-exp2": _exp2,
@@ -202,6 +253,22 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "malladi-accuracy": _malladi_accuracy,
     "malladi-diagnostics": _malladi_diagnostics,
 }
+
+for _exp, (_stems, _figs) in MD_TABLES.items():
+    for _stem in _stems:
+        RENDERERS[f"{_exp}.{_stem}"] = (lambda e=_exp, t=_stem: _md_block(e, t))
+RENDERERS["bench-hmm"] = lambda: _bench_block("bench_hmm")
+
+
+def _verify_renderers() -> None:
+    """``verify-<name>`` for every registered verifier."""
+    from ftsim.app.registry import VERIFIERS
+
+    for name in VERIFIERS:
+        RENDERERS.setdefault(f"verify-{name}", lambda n=name: _claims_block(n))
+
+
+_verify_renderers()
 
 VALUES: dict[str, Callable[[], str]] = {
     "quick-minutes": _quick_minutes,
@@ -282,8 +349,40 @@ def collect(results: Path) -> list[Path]:
             if (run / f"{figure}.{ext}").is_file():
                 shutil.copyfile(run / f"{figure}.{ext}", REPO / "figures" / "out" / f"{figure}.{ext}")
                 written.append(REPO / "figures" / "out" / f"{figure}.{ext}")
+    for exp, (stems, figs) in MD_TABLES.items():
+        runs = list((results / exp).glob("*-*" if exp in _REAL else "quick-*"))
+        if exp in _REAL:
+            runs = [r for r in runs if not _is_tiny(r)]
+        run = _newest(runs)
+        if run is None or not all((run / f"{t}.md").is_file() for t in stems):
+            continue
+        for t in stems:
+            dst = MEASURED / exp / f"{t}.md"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(dst, (run / f"{t}.md").read_text(encoding="utf-8"))
+            written.append(dst)
+        preset = read_json(run / "config.json").get("preset", run.name.split("-")[0]) \
+            if (run / "config.json").is_file() else run.name.split("-")[0]
+        atomic_write_text(MEASURED / exp / "source.json",
+                          json.dumps({"run": f"{exp}/{run.name}", "preset": preset}) + "\n")
+        for fig in figs:
+            src, _, dst = fig.partition(">")
+            for ext in ("png", "pdf"):
+                if (run / f"{src}.{ext}").is_file():
+                    shutil.copyfile(run / f"{src}.{ext}", REPO / "figures" / "out" / f"{dst or src}.{ext}")
+                    written.append(REPO / "figures" / "out" / f"{dst or src}.{ext}")
     written.extend(collect_malladi(sorted((results / "malladi").glob("*/results.jsonl"))))
     return written
+
+
+def _is_tiny(run: Path) -> bool:
+    """A run on a random tiny model (a test run), not a real pretrained LM."""
+    cfg = run / "config.json"
+    if not cfg.is_file():
+        return True
+    c = read_json(cfg)
+    model = str(c.get("config", c).get("model", ""))
+    return model.startswith("tiny-")
 
 
 def collect_malladi(tables: list[Path]) -> list[Path]:
