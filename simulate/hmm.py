@@ -32,6 +32,10 @@ __all__ = [
     "wei2021_hmm",
     "memory_hmm",
     "random_hmm",
+    "ginc_hmm",
+    "ginc_parameters",
+    "ginc_joint_hmm",
+    "GINC_DELIMITER",
     "permutation_mixture",
     "softmax_rows",
     "PRESETS",
@@ -358,9 +362,11 @@ def _rng(seed: int | np.random.Generator) -> np.random.Generator:
 
 # What each kind of preset parameter must be; checked before anything is drawn, so a bad value is reported as
 # the parameter's fault (``num_permutations: must be an integer >= 1, got 0``), not as a numpy error inside.
-_COUNTS = ("num_states", "vocab_size", "num_memory", "num_syntax")
+_COUNTS = ("num_states", "vocab_size", "num_memory", "num_syntax", "num_values", "num_slots", "num_id_concepts")
 _OPTIONAL_COUNTS = ("num_permutations",)
+_NONNEGATIVE_COUNTS = ("num_ood_concepts",)
 _POSITIVE_REALS = ("start_temp", "trans_temp", "emit_temp", "memory_temp", "concentration")
+_UNIT_REALS = ("value_identity",)
 
 
 def _check_count(name: str, value: Any, optional: bool = False) -> None:
@@ -384,14 +390,28 @@ def _check_positive_real(name: str, value: Any) -> None:
         raise InputError(f"temperature {value} is too small (0.5 / temperature overflows)", field=name)
 
 
+def _check_nonnegative_count(name: str, value: Any) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
+        raise InputError(f"must be an integer >= 0, got {value!r}", field=name)
+
+
+def _check_unit_real(name: str, value: Any) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise InputError(f"must be a number in [0, 1], got {value!r}", field=name)
+
+
 def _check_preset_values(values: Mapping[str, Any]) -> None:
     for name, value in values.items():
         if name in _COUNTS:
             _check_count(name, value)
         elif name in _OPTIONAL_COUNTS:
             _check_count(name, value, optional=True)
+        elif name in _NONNEGATIVE_COUNTS:
+            _check_nonnegative_count(name, value)
         elif name in _POSITIVE_REALS:
             _check_positive_real(name, value)
+        elif name in _UNIT_REALS:
+            _check_unit_real(name, value)
 
 
 def softmax_rows(logits: np.ndarray, temperature: float, name: str = "temperature") -> np.ndarray:
@@ -506,7 +526,128 @@ def random_hmm(
     return HMM(rows(1, num_states)[0], rows(num_states, num_states), rows(num_states, vocab_size))
 
 
-PRESETS = {"wei2021": wei2021_hmm, "memory": memory_hmm, "random": random_hmm}
+# --------------------------------------------------------------------------------------------------------
+# GINC (Xie, Raghunathan, Liang & Ma 2021): the preset's parameters and its product-space HMM. The structured
+# value object, exact concept inference and in-context prompts are in simulate.ginc, which builds on these.
+# --------------------------------------------------------------------------------------------------------
+
+GINC_DELIMITER = 0
+"""The delimiter token of a GINC world; slot 0 is the delimiter slot, which emits it whatever the value."""
+
+_JOINT_STATES_MAX = 46_340  # floor(sqrt(2**31 - 1)): the sampler indexes the dense transition matrix with int32
+
+
+def _check_ginc(values: Mapping[str, Any]) -> None:
+    """The per-kind checks, then what GINC needs of them together (a delimiter needs a token and a slot of its
+    own; the corpus sampler stores the joint transition matrix densely)."""
+    _check_preset_values(values)
+    if values["vocab_size"] < 2:
+        raise InputError(f"must be >= 2 for ginc (token {GINC_DELIMITER} is the delimiter, the other slots "
+                         f"emit the rest), got {values['vocab_size']}", field="vocab_size")
+    if values["num_slots"] < 2:
+        raise InputError(f"must be >= 2 for ginc (slot 0 is the delimiter slot), got {values['num_slots']}",
+                         field="num_slots")
+    concepts = values["num_id_concepts"] + values["num_ood_concepts"]
+    states = concepts * values["num_values"] * values["num_slots"]
+    if states > _JOINT_STATES_MAX:
+        raise InputError(f"{concepts} concepts x {values['num_values']} values x {values['num_slots']} slots = "
+                         f"{states:,} joint states; the corpus stores their dense transition matrix and samples it "
+                         f"with int32 indices (at most {_JOINT_STATES_MAX:,} states)", field="num_values")
+
+
+def ginc_parameters(
+    num_values: int = 10,
+    num_slots: int = 10,
+    vocab_size: int = 50,
+    num_id_concepts: int = 5,
+    num_ood_concepts: int = 5,
+    seed: int | np.random.Generator = 0,
+    *,
+    start_temp: float = 10.0,
+    trans_temp: float = 0.1,
+    value_identity: float = 0.9,
+) -> dict[str, Any]:
+    """Draw the parameters of a GINC world (the arguments of :class:`simulate.ginc.GINC`).
+
+    Concepts ``0 .. num_id_concepts - 1`` are in distribution (uniform prior), the next ``num_ood_concepts``
+    out of distribution (prior 0). Draw order: memory, value chain, then per concept its start and slot chain.
+
+    * ``memory``: (num_values, num_slots) tokens, M[v, 0] = the delimiter 0, M[v, s >= 1] ~ U{1..vocab_size-1}.
+    * ``value_trans``: (1 - value_identity) * permutation mixture + value_identity * I, shared by all concepts
+      (GINC's default: one value chain, biased to keep the entity).
+    * ``slot_trans[c]``: a mixture of ``num_slots`` permutations at ``trans_temp`` (:func:`permutation_mixture`).
+    * ``start[c]``: softmax((u - 1/2) / start_temp) over the num_values * num_slots hidden states h = v * S + s.
+
+    Defaults are the released GINC dataset's (50 symbols, 10 values, 10 slots, 10 concepts of which 5 in
+    distribution, transition temperature 0.1, start temperature 10, value identity coefficient 0.9).
+
+    Raises:
+        InputError: a parameter out of range, naming it.
+    """
+    _check_ginc(dict(num_values=num_values, num_slots=num_slots, vocab_size=vocab_size,
+                     num_id_concepts=num_id_concepts, num_ood_concepts=num_ood_concepts, start_temp=start_temp,
+                     trans_temp=trans_temp, value_identity=value_identity))
+    rng = _rng(seed)
+    V, S, C = num_values, num_slots, num_id_concepts + num_ood_concepts
+    memory = rng.integers(1, vocab_size, size=(V, S))
+    memory[:, 0] = GINC_DELIMITER
+    value_trans = ((1.0 - value_identity) * permutation_mixture(V, V, trans_temp, rng)
+                   + value_identity * np.eye(V))
+    start = np.empty((C, V * S))
+    slot_trans = np.empty((C, S, S))
+    for c in range(C):
+        start[c] = softmax_rows(rng.random(V * S) - 0.5, start_temp, name="start_temp")
+        slot_trans[c] = permutation_mixture(S, S, trans_temp, rng)
+    prior = np.concatenate([np.full(num_id_concepts, 1.0 / num_id_concepts), np.zeros(num_ood_concepts)])
+    return {"concept_prior": prior, "start": start, "value_trans": value_trans, "slot_trans": slot_trans,
+            "memory": memory, "vocab_size": int(vocab_size)}
+
+
+def ginc_joint_hmm(concept_prior: np.ndarray, start: np.ndarray, value_trans: np.ndarray, slot_trans: np.ndarray,
+                   memory: np.ndarray, vocab_size: int) -> HMM:
+    """The mixture of concept HMMs as one HMM on the product space (concept, value, slot).
+
+    Joint state ``c * V * S + v * S + s``; start ``prior[c] * start[c, v * S + s]``; transitions block diagonal
+    over concepts, block c = ``kron(value_trans, slot_trans[c])`` (the value and slot chains move
+    independently); emissions one-hot at ``memory[v, s]``, the same for every concept. A concept of prior 0
+    keeps its block but is never entered.
+    """
+    C, VS = np.shape(start)
+    trans = np.zeros((C * VS, C * VS))
+    for c in range(C):
+        trans[c * VS:(c + 1) * VS, c * VS:(c + 1) * VS] = np.kron(value_trans, slot_trans[c])
+    emit = np.zeros((VS, int(vocab_size)))
+    emit[np.arange(VS), np.asarray(memory).reshape(-1)] = 1.0
+    joint_start = (np.asarray(concept_prior, dtype=np.float64)[:, None] * np.asarray(start)).reshape(-1)
+    return HMM(joint_start, trans, np.tile(emit, (C, 1)))
+
+
+def ginc_hmm(
+    num_values: int = 10,
+    num_slots: int = 10,
+    vocab_size: int = 50,
+    num_id_concepts: int = 5,
+    num_ood_concepts: int = 5,
+    seed: int | np.random.Generator = 0,
+    *,
+    start_temp: float = 10.0,
+    trans_temp: float = 0.1,
+    value_identity: float = 0.9,
+) -> HMM:
+    """GINC's pretraining distribution (Xie, Raghunathan, Liang & Ma 2021): a uniform mixture of the
+    in-distribution concept HMMs, as the product-space HMM of :func:`ginc_joint_hmm` over
+    ``(num_id_concepts + num_ood_concepts) * num_values * num_slots`` states; parameters as in
+    :func:`ginc_parameters`. :func:`simulate.ginc.ginc_model` draws the same world as a structured value.
+
+    Raises:
+        InputError: a parameter out of range, naming it.
+    """
+    return ginc_joint_hmm(**ginc_parameters(num_values, num_slots, vocab_size, num_id_concepts, num_ood_concepts,
+                                            seed, start_temp=start_temp, trans_temp=trans_temp,
+                                            value_identity=value_identity))
+
+
+PRESETS = {"wei2021": wei2021_hmm, "memory": memory_hmm, "random": random_hmm, "ginc": ginc_hmm}
 
 
 def _preset_fn(preset: Any):
@@ -538,15 +679,20 @@ def validate_preset_params(preset: str, params: Mapping[str, Any]) -> dict[str, 
             raise InputError(f"does not apply to preset {preset!r} (its parameters: {', '.join(defaults)})",
                              field=str(name))
     full = {name: params.get(name, default) for name, default in defaults.items()}
-    _check_preset_values(full)
+    (_check_ginc if preset == "ginc" else _check_preset_values)(full)
     return full
 
 
 def preset_size(preset: str, params: Mapping[str, Any]) -> tuple[int, int]:
-    """(num_states, vocab_size) of the model a preset builds -- joint states for ``memory`` -- from its
-    parameters alone (validated first), so sizes can be checked before any array is drawn."""
+    """(num_states, vocab_size) of the model a preset builds -- joint states for ``memory`` and ``ginc`` -- from
+    its parameters alone (validated first), so sizes can be checked before any array is drawn."""
     full = validate_preset_params(preset, params)
-    states = full["num_memory"] * full["num_syntax"] if preset == "memory" else full["num_states"]
+    if preset == "memory":
+        states = full["num_memory"] * full["num_syntax"]
+    elif preset == "ginc":
+        states = (full["num_id_concepts"] + full["num_ood_concepts"]) * full["num_values"] * full["num_slots"]
+    else:
+        states = full["num_states"]
     return int(states), int(full["vocab_size"])
 
 
