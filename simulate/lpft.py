@@ -773,8 +773,10 @@ def claim_lora_decomposition(quick: bool, seed: int) -> Claim:
     w = mlp_world(seed, hidden=12)
     module = w.make()
     cfg = FTSettings(lora_rank=3, lora_alpha=3).lora_config(w.lora_targets)
-    prepare(module, Method("lora", Optimizer("sgd", lr=0.1), 1, params=Params.lora(cfg, "backbone", ("head.*",)),
-                           head=Head("random", seed=seed, std=1.0)))
+    with torch.random.fork_rng():  # peft draws LoRA's A from torch's global generator: seed it, leave the caller's
+        torch.manual_seed(seed)
+        prepare(module, Method("lora", Optimizer("sgd", lr=0.1), 1,
+                               params=Params.lora(cfg, "backbone", ("head.*",)), head=Head("random", seed=seed, std=1.0)))
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     lora = [n for n, _ in module.named_parameters() if "lora_" in n]
     e0 = _decomposition_errors(module.double(), x, lora)

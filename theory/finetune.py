@@ -60,6 +60,11 @@ class Optimizer:
     weight_decay: float = 0.0
     schedule: Literal["linear", "constant", "cosine"] = "linear"
     warmup_steps: int = 0
+    # torch's fused Adam/AdamW kernel: one pass per tensor, ~5x faster per step on this CPU and insensitive to the
+    # exact zeros a sparse mask leaves in Adam's second moment (sqrt of 0 is 6x slower than of other values in
+    # the default kernel here); its rounding differs from the default kernel's. Off by default (cache keys and
+    # results unchanged); recorded in the key only when on.
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in ("sgd", "adam", "adamw", "signgd"):
@@ -72,10 +77,18 @@ class Optimizer:
     def build(self, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
         if self.name in ("sgd", "signgd"):
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        extra = {"fused": True} if self.fused else {}
         if self.name == "adam":
             return torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps,
-                                    weight_decay=self.weight_decay)
-        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+                                    weight_decay=self.weight_decay, **extra)
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
+                                 **extra)
+
+    def describe(self) -> dict:
+        d = dataclasses.asdict(self)
+        if not d.pop("fused"):
+            return d
+        return {**d, "fused": True}
 
     def factor(self, step: int, steps: int) -> float:
         """Learning-rate multiplier after ``step`` optimizer steps of ``steps``."""
@@ -258,7 +271,7 @@ class Method:
 
     def describe(self) -> dict:
         """A JSON description (cache keys): every field, callables by their name and parameters."""
-        return {"name": self.name, "optimizer": dataclasses.asdict(self.optimizer), "steps": self.steps,
+        return {"name": self.name, "optimizer": self.optimizer.describe(), "steps": self.steps,
                 "batch_size": self.batch_size, "params": self.params.describe(), "head": self.head.describe(),
                 "loss": self.loss, "eval_every": self.eval_every, "max_grad_norm": self.max_grad_norm,
                 "select_best": self.select_best, "regularizers": [r.describe() for r in self.regularizers],
@@ -502,7 +515,11 @@ def _finetune(module, train, method, *, seed, device, dev, progress, desc, on_st
     params = [p for _, p in moving]
     masks = {id(p): method.params.masks[n].to(p.device) for n, p in moving
              if method.params.masks and n in method.params.masks}
-    frozen = {id(p): p.detach()[~masks[id(p)]].clone() for _, p in moving if id(p) in masks}  # theta_0 there
+    # theta_0 of every masked tensor; after each step the masked-out entries are put back with one elementwise
+    # torch.where (a boolean-index assignment scans the mask for its indices every step: 3x a small model's step),
+    # written into the parameter
+    frozen = {id(p): p.detach().clone() for _, p in moving if id(p) in masks}
+    grad_masks = {k: m.to(frozen[k].dtype) for k, m in masks.items()}  # a float multiply is 3x a bool one
     opt = method.optimizer.build(params)
     steps = method.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: method.optimizer.factor(s, steps))
@@ -540,7 +557,7 @@ def _finetune(module, train, method, *, seed, device, dev, progress, desc, on_st
         else:
             objective.backward()
         for p in params:
-            m = masks.get(id(p))
+            m = grad_masks.get(id(p))
             if m is not None and p.grad is not None:
                 p.grad.mul_(m)
             if method.optimizer.name == "signgd" and p.grad is not None:
@@ -557,7 +574,7 @@ def _finetune(module, train, method, *, seed, device, dev, progress, desc, on_st
             with torch.no_grad():
                 for p in params:
                     if id(p) in masks:
-                        p[~masks[id(p)]] = frozen[id(p)]
+                        torch.where(masks[id(p)], p, frozen[id(p)], out=p)
         if anchor is not None:
             anchor.update(step, moving)
         loss_val = float(loss.detach())

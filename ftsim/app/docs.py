@@ -102,10 +102,15 @@ def _exp1() -> str:
             ("exact", "prompt_oracle_token")]
     out = []
     for m in ms:
-        cells = [m] + [mean_std(get[c], 1, 1) if (m, *c) in get else "" for c in cols]
+        cells = [m] + [mean_std(get[(m, *c)], 1, 1) if (m, *c) in get else "" for c in cols]
         d = diffs.get(m)
         n = get.get((m, "mlm", "prompt"), {}).get("n", "")
         out.append(cells + [_fmt_ci(d) if d else "", n])
+    for regime in ("m<=n", "m>n"):
+        d = diffs.get(regime)
+        if d:
+            out.append([f"pooled {regime.replace('<=', ' ≤ ').replace('>', ' > ')}"] + [""] * len(cols)
+                       + [_fmt_ci(d), d.get("n", "")])
     return markdown_table(["m", "prompt tuning (MLM)", "head tuning (MLM)", "head oracle (exact)",
                            "prompt oracle (exact)", "best real-token prompt (exact)",
                            "prompt - head, mean [95% CI]", "HMM x task pairs"], out)
@@ -118,11 +123,15 @@ def _exp2() -> str:
     get = {(r["total_states"], r["hmm"], r["model"], r["method"]): r for r in means}
     cols = [("memory", "mlm", "attention"), ("memory", "mlm", "head"), ("vanilla", "mlm", "head"),
             ("memory", "exact", "attention"), ("vanilla", "exact", "head")]
-    rows = [[s] + [mean_std(get[c_], 1, 1) if (s, *c_) in get else "" for c_ in cols]
+    rows = [[s] + [mean_std(get[(s, *c_)], 1, 1) if (s, *c_) in get else "" for c_ in cols]
             for s in sorted({r["total_states"] for r in means})]
-    return markdown_table(["states", "memory + attention (learned)", "memory + linear (learned)",
-                           "vanilla + linear (learned)", "memory + attention (exact)", "vanilla + linear (exact)"],
-                          rows)
+    table = markdown_table(["states", "memory + attention (learned)", "memory + linear (learned)",
+                            "vanilla + linear (learned)", "memory + attention (exact)", "vanilla + linear (exact)"],
+                           rows)
+    for d in _rows(MEASURED / "wei2021-exp2" / "differences.jsonl") or []:
+        table += (f"\nLearned {d['a']} − {d['b']}, paired over {d['n']} (states × HMM) pairs: {_fmt_ci(d)} "
+                  f"(mean [95% t interval]).\n")
+    return table
 
 
 def _ntk_width() -> str:
@@ -212,7 +221,10 @@ def _md_block(exp: str, stem: str) -> str:
     if not p.is_file():
         return _missing(f"`ftsim run {exp}`")
     src = MEASURED / exp / "source.json"
-    text = p.read_text(encoding="utf-8").strip() + "\n"
+    lines = p.read_text(encoding="utf-8").strip().splitlines()
+    while lines and (lines[0].startswith("# ") or not lines[0].strip()):  # the file's own title: README has one
+        lines.pop(0)
+    text = "\n".join(lines) + "\n"
     if src.is_file():
         info = read_json(src)
         text += f"\n*(run `{info['run']}`, preset `{info['preset']}`.)*\n"
@@ -234,7 +246,7 @@ def _hmm_bench(d: dict) -> str:
             continue
         for what in ("sampling", "posteriors"):
             r = c[what]
-            rows.append([cond, what, f"{r['ftsim_tokens_per_s']:.3g}", f"{r['hmmlearn_tokens_per_s']:.3g}",
+            rows.append([cond, what, f"{r['ours_tokens_per_s']:.3g}", f"{r['hmmlearn_tokens_per_s']:.3g}",
                          f"{r['dynamax_tokens_per_s']:.3g}" if r.get("dynamax_tokens_per_s") else "—",
                          f"**{r['ratio_vs_hmmlearn']:.0f}×**",
                          f"**{r['ratio_vs_dynamax']:.1f}×**" if r.get("ratio_vs_dynamax") else "—"])
@@ -242,7 +254,37 @@ def _hmm_bench(d: dict) -> str:
                            "vs dynamax"], rows)
 
 
-_BENCH_RENDERERS: dict[str, Callable[[dict], str]] = {"bench_hmm": _hmm_bench}
+def _ntk_bench(d: dict) -> str:
+    models = d.get("models") or {"gpt_style": d}
+    rows = []
+    for name, m in models.items():
+        t, r, cov = m["times_s"], m["ratios"], m.get("coverage", {})
+        covered = (f"{cov['covered_params']:,} / {cov['num_params']:,}" if "covered_params" in cov else "")
+        la = m.get("load_average_start")
+        rows.append([name.replace("_", "-"), covered, f"{t['ours']:.2f}", f"{t['floor']:.2f}", f"{t['naive']:.2f}",
+                     f"{t['paper']:.1f}" if "paper" in t else "—",
+                     f"**{r['ours_over_floor']:.2f}**", f"**{r['naive_over_ours']:.2f}**",
+                     f"**{r['paper_over_ours']:.1f}**" if "paper_over_ours" in r else "—",
+                     f"{m['relative_frobenius_error']['ours_vs_reference']:.1e}",
+                     f"{la[0]:.1f}" if la else ""])
+    return markdown_table(["model", "parameters covered by the factored engine", "ours (s)", "floor (s)", "naive (s)",
+                           "LM-Kernel-FT (s)", "ours / floor (≤ 2)", "naive / ours (≥ 2)", "paper / ours (≥ 10)",
+                           "rel. error vs float64 reference", "load avg at start"], rows)
+
+
+def _executors_bench(d: dict) -> str:
+    w, la = d["wall_s"], d["load_average_1min_before"]
+    rows = [[m, f"{w[m]:.1f}", f"{la[m]:.1f}"] for m in w]
+    proj = ", ".join(f"{n}: {t:.1f} s" for n, t in d["projected_wall_s"].items())
+    return (markdown_table(["executor", "wall time (s)", "load avg before"], rows)
+            + f"\nlocal --jobs 2 / serial speed-up **{d['speedup_local2_over_serial']:.2f}×**; tables byte-identical: "
+              f"{d['tables_byte_identical']}; {d['num_units']} units, {d['sum_unit_seconds']:.1f} s of unit compute "
+              f"(largest {d['max_unit_seconds']:.1f} s), {d['gather_overhead_s']:.1f} s outside units. Projected wall "
+              f"time on N workers: {proj}.\n")
+
+
+_BENCH_RENDERERS: dict[str, Callable[[dict], str]] = {"bench_hmm": _hmm_bench, "bench_ntk": _ntk_bench,
+                                                      "bench_executors": _executors_bench}
 
 
 RENDERERS: dict[str, Callable[[], str]] = {
@@ -258,6 +300,8 @@ for _exp, (_stems, _figs) in MD_TABLES.items():
     for _stem in _stems:
         RENDERERS[f"{_exp}.{_stem}"] = (lambda e=_exp, t=_stem: _md_block(e, t))
 RENDERERS["bench-hmm"] = lambda: _bench_block("bench_hmm")
+RENDERERS["bench-ntk"] = lambda: _bench_block("bench_ntk")
+RENDERERS["bench-executors"] = lambda: _bench_block("bench_executors")
 
 
 def _verify_renderers() -> None:
@@ -336,7 +380,7 @@ def collect(results: Path) -> list[Path]:
                 atomic_write_text(MEASURED / "verify" / f"{name}.timing.json",
                                   json.dumps({"seconds": t.get("seconds")}) + "\n")
     for exp, tables, figure in (("wei2021-exp1", ("means", "differences"), "wei2021_exp1"),
-                                ("wei2021-exp2", ("means",), "wei2021_exp2"),
+                                ("wei2021-exp2", ("means", "differences"), "wei2021_exp2"),
                                 ("ntk-width", ("summary_by_width",), "ntk_width"),
                                 ("hmm-exactness", (), "hmm_exactness")):
         run = _newest(list((results / exp).glob("quick-*")))
