@@ -345,24 +345,12 @@ def test_compare_to_baseline_verdicts():
 
 # ---------------------------------------------------------------------------------------------------- verifier, experiment
 
-def _claims():
+def test_verifier_is_registered():
+    """Its claims run through tests/test_claims.py (once, with every other verifier's)."""
+    from ftsim.app.registry import VERIFIERS, load
     from simulate.smart import VERIFIER
 
-    return list(VERIFIER.claims)
-
-
-@pytest.mark.parametrize("claim", _claims(), ids=[fn.__name__ for fn in _claims()])
-def test_verifier_claim(claim):
-    """Each claim of ``ftsim verify smart`` (once the verifier is registered, tests/test_claims.py runs them and
-    this test does not run them twice)."""
-    from ftsim.app.registry import VERIFIERS
-
-    if "smart" in VERIFIERS:
-        pytest.skip("run by tests/test_claims.py")
-    got = claim(True, 0)
-    for c in [got] if hasattr(got, "passed") else got:
-        assert c.passed, f"{c.claim}: {c.measured}"
-        assert c.setting and c.measured
+    assert load(VERIFIERS["smart"]) is VERIFIER and len(VERIFIER.claims) == 8
 
 
 def test_vbpp_with_s1_is_plain_even_in_float64_linear_models():
