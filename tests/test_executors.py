@@ -143,6 +143,8 @@ def test_dry_run_counts_units_and_estimates_from_measured_ones(tmp_path, monkeyp
     plan = json.loads(capsys.readouterr().out)
     k = plan["kinds"]["ntk-width.net"]
     assert (plan["units"], k["cached"], k["measured_units"]) == (4, 2, 2) and k["estimated_seconds"] >= 0
+    # the measured peak memory per unit: this process's resident set holds at least torch's (> 50 MiB), no GPU here
+    assert 0.05 < k["max_peak_rss_gib"] < 64 and k["max_peak_cuda_gib"] is None
 
 
 @pytest.mark.slow

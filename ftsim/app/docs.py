@@ -250,8 +250,21 @@ def _hmm_bench(d: dict) -> str:
                          f"{r['dynamax_tokens_per_s']:.3g}" if r.get("dynamax_tokens_per_s") else "—",
                          f"**{r['ratio_vs_hmmlearn']:.0f}×**",
                          f"**{r['ratio_vs_dynamax']:.1f}×**" if r.get("ratio_vs_dynamax") else "—"])
-    return markdown_table(["condition", "measure (tokens/s)", "ftsim", "hmmlearn", "dynamax", "vs hmmlearn",
-                           "vs dynamax"], rows)
+        if c["posteriors"].get("ours_workers2_tokens_per_s"):
+            rows.append([cond, "posteriors, workers=2", f"{c['posteriors']['ours_workers2_tokens_per_s']:.3g}",
+                         "", "", "", ""])
+    out = markdown_table(["condition", "measure (tokens/s)", "ftsim", "hmmlearn", "dynamax", "vs hmmlearn",
+                          "vs dynamax"], rows)
+    cw, ag = d.get("corpus_writing"), d.get("agreement")
+    if cw:
+        out += (f"\nCorpus writing, {cw['tokens']:.0e} tokens to checksummed shards: {cw['tokens_per_s']:.3g} tokens/s, "
+                f"peak RSS {cw['peak_rss_mb']:.0f} MB (targets >= 1e7 tokens/s, < 1 GB).")
+    if ag:
+        out += (f" Posteriors agree with hmmlearn to {ag['hmmlearn']['max_abs_posterior_diff']:.1e} and with dynamax to "
+                f"{ag['dynamax']['max_abs_posterior_diff']:.1e}; workers=2 bitwise equal to workers=1: "
+                f"{ag['workers2_bitwise_equal']}.")
+    loads = ", ".join(f"{k} {v['load_average_1min_before']:.1f}" for k, v in d.get("conditions", {}).items())
+    return out + (f" Load average (1 min) before each condition: {loads}.\n" if loads else "\n")
 
 
 def _ntk_bench(d: dict) -> str:

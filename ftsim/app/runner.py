@@ -182,7 +182,8 @@ def dry_run(experiment: Experiment, config: Any, *, device: str, cache: UnitCach
             ) -> dict:
     """The planned units of a run: how many per kind, how many are cached, and the time the pending ones should
     take, estimated from the measured compute times of cached units of the same kind (their sizes may differ;
-    the estimate says how many it is based on)."""
+    the estimate says how many it is based on), with the largest peak memory measured for a unit of that kind
+    (process resident set; CUDA allocations when they ran on a GPU). None where nothing was measured yet."""
     if experiment.plan is None:
         raise InputError(f"experiment {experiment.name} has no unit plan to show", field="dry_run")
     import tempfile
@@ -196,16 +197,23 @@ def dry_run(experiment: Experiment, config: Any, *, device: str, cache: UnitCach
         k["units"] += 1
         k["cached"] += int((cache.path_of(s.key) / "record.json").is_file())
     for kind, k in kinds.items():
-        measured = []
+        measured, rss, cuda = [], [], []
         for rec in (cache.root / kind).glob("*/*/record.json"):
             try:
-                measured.append(float(json.loads(rec.read_text())["seconds"]))
+                r = json.loads(rec.read_text())
+                measured.append(float(r["seconds"]))
             except (ValueError, KeyError, TypeError):
                 continue
+            mem = r.get("memory") or {}
+            rss.append(mem.get("rss_bytes"))
+            cuda.append(mem.get("cuda_bytes"))
         med = _median(measured)
         k["measured_units"] = len(measured)
         k["median_seconds"] = med
         k["estimated_seconds"] = None if med is None else round(med * (k["units"] - k["cached"]), 1)
+        # peak memory per unit (process resident set, and CUDA when measured on a GPU), the largest measured one
+        k["max_peak_rss_gib"] = None if not any(rss) else round(max(x for x in rss if x) / 2 ** 30, 2)
+        k["max_peak_cuda_gib"] = None if not any(cuda) else round(max(x for x in cuda if x) / 2 ** 30, 2)
     total = [k["estimated_seconds"] for k in kinds.values()]
     return {"experiment": experiment.name, "units": len(specs), "kinds": kinds,
             "estimated_seconds": None if any(t is None for t in total) else round(sum(total), 1)}

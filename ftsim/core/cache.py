@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -44,6 +45,39 @@ __all__ = ["UnitCache", "Unit", "UnitKey", "CacheWarning", "default_cache", "uni
 
 RECORD = "record.json"
 SCHEMA = "ftsim-unit/1"
+
+
+def _reset_peak_memory() -> None:
+    """Start a unit's memory measurement: reset the process's resident-set high-water mark where Linux allows it
+    (``/proc/self/clear_refs``) and torch's CUDA peak counter when torch is already imported and sees a GPU."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory() -> dict:
+    """The unit's peak memory as far as it can be measured: ``rss_bytes`` is the resident-set high-water mark since
+    :func:`_reset_peak_memory` (since process start where it could not be reset: an upper bound, said by
+    ``rss_scope``), ``cuda_bytes`` torch's peak allocated CUDA memory (None without a GPU)."""
+    out: dict[str, Any] = {"rss_bytes": None, "rss_scope": "unit", "cuda_bytes": None}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    out["rss_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        import resource
+
+        out.update(rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_scope="process")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        out["cuda_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out
 
 
 class CacheWarning(UserWarning):
@@ -227,12 +261,14 @@ class UnitCache:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key.digest[:16]}-", dir=final.parent))
         try:
+            _reset_peak_memory()
             t0 = time.perf_counter()
             result = compute(_Workdir(tmp))
             seconds = time.perf_counter() - t0
             record = {"schema": SCHEMA, "kind": key.kind, "version": key.version, "inputs": key.inputs,
                       "digest": key.digest, "result": to_jsonable(result), "files": _hash_files(tmp),
-                      "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                      "seconds": round(seconds, 3), "memory": _peak_memory(),
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             write_json(tmp / RECORD, record)
             os.chmod(tmp, 0o777 & ~current_umask())
             if replace and final.exists():
