@@ -216,19 +216,58 @@ MD_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _REAL = ("lpft", "sparse", "smart")
 
 
+def _strip_title(text: str) -> str:
+    lines = text.strip().splitlines()
+    while lines and (lines[0].startswith("# ") or not lines[0].strip()):  # the file's own title: README has one
+        lines.pop(0)
+    return "\n".join(lines) + "\n"
+
+
 def _md_block(exp: str, stem: str) -> str:
+    """A synthetic experiment's table from its stored quick run; for a real-model experiment, the table of every
+    stored run (each a directory under docs/measured/<exp>/), oldest first, each with the settings it changed."""
+    if exp in _REAL:
+        runs = sorted((d for d in (MEASURED / exp).glob("*") if (d / f"{stem}.md").is_file()),
+                      key=lambda d: read_json(d / "source.json").get("order", 0) if (d / "source.json").is_file()
+                      else 0)
+        if not runs:
+            return _missing(f"`ftsim run {exp}`")
+        out = []
+        for d in runs:
+            info = read_json(d / "source.json") if (d / "source.json").is_file() else {}
+            changed = info.get("changed") or {}
+            what = ", ".join(f"`{k}={_short_value(v)}`" for k, v in changed.items())
+            out.append(f"Run `{info.get('run', d.name)}` (preset `{info.get('base', '?')}`"
+                       + (f" with {what}" if what else "") + "):\n\n"
+                       + _strip_title((d / f"{stem}.md").read_text(encoding="utf-8")))
+        return "\n".join(out)
     p = MEASURED / exp / f"{stem}.md"
     if not p.is_file():
         return _missing(f"`ftsim run {exp}`")
+    text = _strip_title(p.read_text(encoding="utf-8"))
     src = MEASURED / exp / "source.json"
-    lines = p.read_text(encoding="utf-8").strip().splitlines()
-    while lines and (lines[0].startswith("# ") or not lines[0].strip()):  # the file's own title: README has one
-        lines.pop(0)
-    text = "\n".join(lines) + "\n"
     if src.is_file():
         info = read_json(src)
         text += f"\n*(run `{info['run']}`, preset `{info['preset']}`.)*\n"
     return text
+
+
+def _short_value(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _changed_fields(exp: str, config: dict, base: str) -> dict:
+    """The config fields of a stored run that differ from its base preset (what its caption says)."""
+    from ftsim.app.registry import experiment as get_experiment
+    from ftsim.core.io import to_jsonable
+
+    try:
+        preset = get_experiment(exp).presets[base]
+    except Exception:  # noqa: BLE001 - an unknown experiment or preset: no caption
+        return {}
+    ref = to_jsonable(preset)
+    ref = ref if isinstance(ref, dict) else {}
+    return {k: v for k, v in config.items() if k in ref and ref[k] != v and k != "threads"}
 
 
 def _bench_block(name: str) -> str:
@@ -410,6 +449,30 @@ def collect(results: Path) -> list[Path]:
         runs = list((results / exp).glob("*-*" if exp in _REAL else "quick-*"))
         if exp in _REAL:
             runs = [r for r in runs if not _is_tiny(r)]
+            done = sorted((r for r in runs if (r / "summary.json").is_file()
+                           and all((r / f"{t}.md").is_file() for t in stems)),
+                          key=lambda r: (r / "summary.json").stat().st_mtime)
+            for order, run in enumerate(done):
+                c = read_json(run / "config.json")
+                base = str(c.get("preset", "quick")).split("+")[0]
+                dst_dir = MEASURED / exp / run.name
+                dst_dir.mkdir(parents=True, exist_ok=True)
+                for t in stems:
+                    atomic_write_text(dst_dir / f"{t}.md", (run / f"{t}.md").read_text(encoding="utf-8"))
+                    written.append(dst_dir / f"{t}.md")
+                atomic_write_text(dst_dir / "source.json", json.dumps(
+                    {"run": f"{exp}/{run.name}", "base": base, "order": (run / "summary.json").stat().st_mtime,
+                     "changed": _changed_fields(exp, c.get("config", {}), base)}, default=str) + "\n")
+            if done:
+                fig_run = max(done, key=lambda r: (r / "results.jsonl").stat().st_size
+                              if (r / "results.jsonl").is_file() else 0)  # the figure of the largest run
+                for fig in figs:
+                    src, _, dst = fig.partition(">")
+                    for ext in ("png", "pdf"):
+                        if (fig_run / f"{src}.{ext}").is_file():
+                            shutil.copyfile(fig_run / f"{src}.{ext}", REPO / "figures" / "out" / f"{dst or src}.{ext}")
+                            written.append(REPO / "figures" / "out" / f"{dst or src}.{ext}")
+            continue
         run = _newest(runs)
         if run is None or not all((run / f"{t}.md").is_file() for t in stems):
             continue
