@@ -172,7 +172,7 @@ def test_smollm2_loads_and_gives_exact_4x4_kernels(tmp_path):
     from real_tasks.entk import compute_kernel
     from real_tasks.models import load_model, smollm2_gguf_path
     from real_tasks.prompts import get_prompt, label_token_ids
-    from theory.oracles import sign_tau
+    from theory.gram import SIGN_RTOL, sign_rows
 
     try:
         path = smollm2_gguf_path()
@@ -198,8 +198,17 @@ def test_smollm2_loads_and_gives_exact_4x4_kernels(tmp_path):
         s = clf(data.select([i]))[0]
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(s[1] - s[0], params)]))
     J = torch.stack(rows)  # (4, P) float32
-    K = (J.double() @ J.double().T).numpy()
-    A = (J.double() @ sign_tau(J).double().T).numpy()
+    del rows
+    # K = J J^T and A = J sign_tau(J)^T in float64, over column chunks (whole float64 copies of J would add 9 GB)
+    thresholds = SIGN_RTOL * J.abs().amax(dim=1)
+    K = torch.zeros(4, 4, dtype=torch.float64)
+    A = torch.zeros(4, 4, dtype=torch.float64)
+    for c in range(0, J.shape[1], 1 << 22):
+        Jc = J[:, c:c + (1 << 22)]
+        Jd = Jc.double()
+        K += Jd @ Jd.T
+        A += Jd @ sign_rows(Jc, thresholds).double().T
+    K, A = K.numpy(), A.numpy()
     # float32 gradients, float64 products: the factored rows are summed in another order than autograd's
     assert np.abs(fac["sgd"]["kernel"] - K).max() <= 1e-4 * np.abs(K).max()
     assert np.abs(fac["asigngd"]["kernel"] - A).max() <= 1e-4 * np.abs(A).max()
