@@ -50,6 +50,24 @@ def real_data_dir() -> Path:
     return path
 
 
+# A tiny sent-conv style SST-2 for the real-task pipelines on tiny models (malladi, sparse, smart).
+POS = ["a fun and moving film", "I liked it a lot", "great acting and a sharp plot", "warm , funny and smart",
+       "the best film of the year", "a delight from start to end", "moving and fun", "sharp and warm"]
+NEG = ["a dull and boring movie", "the plot was thin", "boring , slow and flat", "a mess of a film",
+       "the worst film of the year", "flat acting and a dull plot", "slow and dull", "thin and flat"]
+
+
+@pytest.fixture
+def task_dir(tmp_path) -> Path:
+    """A sent-conv style SST-2 with 16 training and 8 test sentences (:data:`POS`, :data:`NEG`)."""
+    d = tmp_path / "data"
+    d.mkdir()
+    lines = [f"1 {s} .\n" for s in POS] + [f"0 {s} .\n" for s in NEG]
+    (d / "stsa.binary.train").write_text("".join(lines))
+    (d / "stsa.binary.dev").write_text("".join(lines[::2]))
+    return d
+
+
 @pytest.fixture
 def results_tmp(tmp_path, monkeypatch) -> Path:
     """Point $FTSIM_RESULTS and $FTSIM_CACHE at a temporary directory for the test."""

@@ -15,24 +15,9 @@ from ftsim.core.io import read_jsonl
 from real_tasks.malladi import METHOD_ORDER, MalladiConfig, comparison_markdown, comparison_rows
 from tests.conftest import require
 
-POS = ["a fun and moving film", "I liked it a lot", "great acting and a sharp plot", "warm , funny and smart",
-       "the best film of the year", "a delight from start to end", "moving and fun", "sharp and warm"]
-NEG = ["a dull and boring movie", "the plot was thin", "boring , slow and flat", "a mess of a film",
-       "the worst film of the year", "flat acting and a dull plot", "slow and dull", "thin and flat"]
 
 TINY = ["--k", "2", "--seeds", "13,21", "--test-size", "6", "--ft-steps", "3", "--eval-every", "1",
         "--diag-test-size", "4", "--diag-train-size", "2", "--no-progress"]
-
-
-@pytest.fixture
-def task_dir(tmp_path):
-    """A sent-conv style SST-2 with 16 training and 8 test sentences."""
-    d = tmp_path / "data"
-    d.mkdir()
-    lines = [f"1 {s} .\n" for s in POS] + [f"0 {s} .\n" for s in NEG]
-    (d / "stsa.binary.train").write_text("".join(lines))
-    (d / "stsa.binary.dev").write_text("".join(lines[::2]))
-    return d
 
 
 def _run(args, capsys):

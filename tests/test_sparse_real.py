@@ -15,28 +15,12 @@ import torch
 from ftsim.app.cli import main
 from ftsim.core.errors import InputError
 from ftsim.core.io import read_jsonl
-from tests.conftest import require
-
-POS = ["a fun and moving film", "I liked it a lot", "great acting and a sharp plot", "warm , funny and smart",
-       "the best film of the year", "a delight from start to end", "moving and fun", "sharp and warm"]
-NEG = ["a dull and boring movie", "the plot was thin", "boring , slow and flat", "a mess of a film",
-       "the worst film of the year", "flat acting and a dull plot", "slow and dull", "thin and flat"]
+from tests.conftest import NEG, POS, require
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread):
     """Tiny tensors: one torch thread (see ``tests/conftest.py``)."""
-
-
-@pytest.fixture
-def task_dir(tmp_path):
-    """A sent-conv style SST-2 with 16 training and 8 test sentences."""
-    d = tmp_path / "data"
-    d.mkdir()
-    lines = [f"1 {s} .\n" for s in POS] + [f"0 {s} .\n" for s in NEG]
-    (d / "stsa.binary.train").write_text("".join(lines))
-    (d / "stsa.binary.dev").write_text("".join(lines[::2]))
-    return d
 
 
 @pytest.fixture(scope="module")
