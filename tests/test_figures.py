@@ -38,8 +38,8 @@ from matplotlib.transforms import Bbox  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "figures"
 
-# (figure target, fixture directory, stem that redraw writes). The lead can generate this list from the
-# experiment registry (each experiment's figures plus a stored run directory).
+# (figure target, fixture directory, stem that redraw writes): every figure module's build function on a stored
+# run directory; "build_x" is redrawn by "redraw_x". Module-specific checks live in tests/test_figures_<module>.py.
 CASES = [
     ("figures.hmm:build", "hmm-exactness", "hmm_exactness"),
     ("figures.wei2021:build", "wei2021-exp1", "wei2021_exp1"),
@@ -48,8 +48,16 @@ CASES = [
     ("figures.malladi:build", "malladi/tiny-causal", "malladi"),
     ("figures.malladi:build", "malladi/tiny-encoder", "malladi"),
     ("figures.malladi:build", "malladi/smollm2-sst2-seed13", "malladi"),
+    ("figures.lpft:build", "lpft-synthetic", "lpft"),
+    ("figures.lpft:build", "lpft/tiny-causal", "lpft"),
+    ("figures.deng2024:build", "deng2024", "deng2024_transfer"),
+    ("figures.deng2024_radreg:build", "deng2024", "deng2024_radreg"),
+    ("figures.sparse:build_synthetic", "sparse-synthetic", "sparse_synthetic"),
+    ("figures.sparse:build", "sparse/tiny-causal", "sparse"),
+    ("figures.smart:build_synthetic", "smart-synthetic", "smart_synthetic"),
+    ("figures.smart:build", "smart", "smart"),
 ]
-IDS = [f"{t.split(':')[0].split('.')[-1]}-{d.replace('/', '-')}" for t, d, _ in CASES]
+IDS = [f"{t.split(':')[0].split('.')[-1]}{t.split(':')[1][5:]}-{d.replace('/', '-')}" for t, d, _ in CASES]
 
 
 def load(target: str):
@@ -273,7 +281,8 @@ def test_no_series_hides_another(built):
 def test_redraw_writes_pdf_and_png(tmp_path, target, fixture, stem):
     run_dir = tmp_path / "run"
     shutil.copytree(DATA / fixture, run_dir)
-    redraw = getattr(importlib.import_module(target.split(":")[0]), "redraw")
+    module, _, build = target.partition(":")
+    redraw = getattr(importlib.import_module(module), build.replace("build", "redraw", 1))
     paths = [Path(p) for p in redraw(run_dir)]
     assert sorted(p.name for p in paths) == sorted([f"{stem}.pdf", f"{stem}.png"])
     pdf, png = (run_dir / f"{stem}.pdf").read_bytes(), (run_dir / f"{stem}.png").read_bytes()
