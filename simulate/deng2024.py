@@ -43,6 +43,7 @@ from ftsim.core.errors import InputError
 from ftsim.core.experiment import Experiment, RunContext, UnitSpec, Verifier
 from ftsim.core.io import atomic_write_text, write_table
 from ftsim.core.tables import markdown_table, paired_difference, summarize
+from ftsim.core.threads import single_threaded
 from simulate.hmm import HMM, wei2021_hmm
 from simulate.sampling import sample
 from simulate.wei2021.models import SmallTransformer, TransformerConfig, cosine_lr
@@ -753,17 +754,6 @@ EXPERIMENT = Experiment(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _one_thread(fn):
-    import functools
-
-    from ftsim.core.threads import limit_threads
-
-    @functools.wraps(fn)
-    def wrapped(quick: bool, seed: int):
-        with limit_threads(1):
-            return fn(quick, seed)
-
-    return wrapped
 
 
 def _rng(seed: int, claim: int) -> np.random.Generator:
@@ -788,7 +778,7 @@ def enumerate_inputs(hmm: HMM, length: int) -> tuple[np.ndarray, np.ndarray, np.
     return xs, joint0.sum(axis=1), joint0
 
 
-@_one_thread
+@single_threaded
 def claim_rademacher_closed_form(quick: bool, seed: int) -> Claim:
     """B E_sigma ||mean sigma h|| against a brute-force supremum over a dense grid of head directions in 2-D and
     every sign vector; the projected-ascent inner max reaches the closed form."""
@@ -829,7 +819,7 @@ def claim_rademacher_closed_form(quick: bool, seed: int) -> Claim:
                  "Cauchy-Schwarz; brute force")
 
 
-@_one_thread
+@single_threaded
 def claim_rademacher_estimate(quick: bool, seed: int) -> list[Claim]:
     """The Monte Carlo estimate's stated errors cover the exact value (exact enumeration at m = 12)."""
     from scipy.stats import binom
@@ -882,7 +872,7 @@ def _tiny_world(seed: int, n: int = 3, m: int = 3) -> World:
     return World(hmm, u, 4)
 
 
-@_one_thread
+@single_threaded
 def claim_exact_conditionals(quick: bool, seed: int) -> list[Claim]:
     """G, p, E_pre and the Bayes risks from forward-backward against brute-force enumeration of every sequence."""
     worst_g, worst_ce, worst_mc, bayes_ok, tries = 0.0, 0.0, 0.0, True, 0
@@ -928,7 +918,7 @@ def claim_exact_conditionals(quick: bool, seed: int) -> list[Claim]:
     ]
 
 
-@_one_thread
+@single_threaded
 def claim_pinsker_transfer(quick: bool, seed: int) -> Claim:
     """The proven transferability of the output representation, on exact input distributions."""
     worst2, worst01 = 0.0, 0.0
@@ -956,7 +946,7 @@ def claim_pinsker_transfer(quick: bool, seed: int) -> Claim:
                  "Pinsker; Devroye, Gyorfi & Lugosi 1996 Thm 2.2")
 
 
-@_one_thread
+@single_threaded
 def claim_ball_least_squares(quick: bool, seed: int) -> Claim:
     from scipy.optimize import minimize
 
@@ -998,7 +988,7 @@ def _bound_trial(rng: np.random.Generator, M: int, d: int, n: int, B: float, rep
     return holds, ratios
 
 
-@_one_thread
+@single_threaded
 def claim_generalization_bound(quick: bool, seed: int) -> Claim:
     from scipy.stats import binom
 
@@ -1019,7 +1009,7 @@ def claim_generalization_bound(quick: bool, seed: int) -> Claim:
                  "Bartlett & Mendelson 2002; Mohri et al. 2018 Thm 3.3; contraction; Hoeffding")
 
 
-@_one_thread
+@single_threaded
 def claim_transfer_fit(quick: bool, seed: int) -> Claim:
     rng = _rng(seed, 9)
     worst, env_ok = 0.0, True
@@ -1038,7 +1028,7 @@ def claim_transfer_fit(quick: bool, seed: int) -> Claim:
                  worst <= 1e-9 and env_ok, "log-log least squares")
 
 
-@_one_thread
+@single_threaded
 def claim_radreg_gradient(quick: bool, seed: int) -> Claim:
     """Danskin: the gradient of the closed-form penalty equals the gradient of the bilinear min-max objective at
     the inner maximiser; the Monte Carlo penalty is unbiased."""

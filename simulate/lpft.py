@@ -38,6 +38,7 @@ from ftsim.core.errors import InputError
 from ftsim.core.experiment import Experiment, RunContext, Verifier
 from ftsim.core.io import atomic_write_text, write_table
 from ftsim.core.tables import aggregate, markdown_table, mean_std, paired_difference, summarize
+from ftsim.core.threads import single_threaded
 from theory import lpft as L
 
 __all__ = ["Classifier", "MLPBackbone", "HMMBackbone", "World", "mlp_world", "hmm_world", "run_method",
@@ -654,17 +655,6 @@ EXPERIMENT = Experiment(
 # ftsim verify lpft
 # ---------------------------------------------------------------------------------------------------------------
 
-def _one_thread(fn):
-    import functools
-
-    from ftsim.core.threads import limit_threads
-
-    @functools.wraps(fn)
-    def wrapped(quick: bool, seed: int):
-        with limit_threads(1):
-            return fn(quick, seed)
-
-    return wrapped
 
 
 def _functional(module: nn.Module):
@@ -734,7 +724,7 @@ def _tiny_transformer(seed: int) -> Classifier:
     return clf
 
 
-@_one_thread
+@single_threaded
 def claim_decomposition(quick: bool, seed: int) -> Claim:
     g = torch.Generator().manual_seed(seed)
     worst = {"head": 0.0, "backbone": 0.0, "additivity": 0.0, "scale": 0.0}
@@ -766,7 +756,7 @@ def claim_decomposition(quick: bool, seed: int) -> Claim:
                  "Tomihari & Sato 2024, Sec. 4 (NTK decomposition); torch.autograd.functional.jacobian")
 
 
-@_one_thread
+@single_threaded
 def claim_lora_decomposition(quick: bool, seed: int) -> Claim:
     from theory.finetune import Head, Method, Optimizer, Params, prepare
 
@@ -815,7 +805,7 @@ def _separable_symmetric(seed: int, n: int = 20, d: int = 6):
     return np.vstack([X, -X]), np.concatenate([s, -s])
 
 
-@_one_thread
+@single_threaded
 def claim_head_norm_growth(quick: bool, seed: int) -> list[Claim]:
     from sklearn.svm import SVC
 
@@ -855,7 +845,7 @@ def _sweep_settings(quick: bool) -> FTSettings:
     return FTSettings(optimizer="adam", lr=1e-2, steps=60 if quick else 150, batch_size=64, max_grad_norm=None)
 
 
-@_one_thread
+@single_threaded
 def claim_feature_change(quick: bool, seed: int) -> Claim:
     # 8 seeds: the paired t interval over 4 (df = 3, t = 3.18) was dominated by one seed whose CV probe came out
     # weakly regularised (head norm 9 vs ~1), although every seed had zero-head change > LP-head change.
@@ -881,7 +871,7 @@ def claim_feature_change(quick: bool, seed: int) -> Claim:
                  "Tomihari & Sato 2024, Sec. 4.2 (feature change and head norm)")
 
 
-@_one_thread
+@single_threaded
 def claim_temperature_scaling(quick: bool, seed: int) -> list[Claim]:
     from torchmetrics.functional.classification import multiclass_calibration_error
 
@@ -923,7 +913,7 @@ def claim_temperature_scaling(quick: bool, seed: int) -> list[Claim]:
                   "Tomihari & Sato 2024, Sec. 4.3 (calibration); Guo et al. 2017; torchmetrics (oracle)")]
 
 
-@_one_thread
+@single_threaded
 def claim_kumar(quick: bool, seed: int) -> list[Claim]:
     seeds = range(seed, seed + (10 if quick else 40))
     rows = kumar_table(seeds, (0.0, 0.1, 0.3))

@@ -33,6 +33,7 @@ import torch
 from ftsim.core.claims import Claim
 from ftsim.core.experiment import Experiment, RunContext, UnitSpec, Verifier
 from ftsim.core.io import write_table
+from ftsim.core.threads import single_threaded
 from theory.linearize import linearize, train
 from theory.metrics import kernel_rel_change
 from theory.ntk import empirical_ntk
@@ -333,26 +334,13 @@ def _small_mlp(seed: int, width: int = 7, d: int = 5, C: int = 3):
     return mlp(cfg), init_mlp(cfg, width, seed)
 
 
-def _one_thread(fn):
-    """Run a claim with one torch / BLAS thread: its tensors are small, where extra threads only add
-    synchronisation (and stall badly on a shared, oversubscribed CPU)."""
-    import functools
-
-    from ftsim.core.threads import limit_threads
-
-    @functools.wraps(fn)
-    def wrapped(quick: bool, seed: int):
-        with limit_threads(1):
-            return fn(quick, seed)
-
-    return wrapped
 
 
 def _gen(seed: int, claim: int) -> torch.Generator:
     return torch.Generator().manual_seed(1000 * seed + claim)
 
 
-@_one_thread
+@single_threaded
 def claim_implementations_agree(quick: bool, seed: int) -> Claim:
     g = _gen(seed, 1)
     f, p = _small_mlp(seed)
@@ -379,7 +367,7 @@ def claim_implementations_agree(quick: bool, seed: int) -> Claim:
                  "torch.autograd.functional.jacobian")
 
 
-@_one_thread
+@single_threaded
 def claim_linear_model(quick: bool, seed: int) -> Claim:
     g = _gen(seed, 2)
     X = torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -391,7 +379,7 @@ def claim_linear_model(quick: bool, seed: int) -> Claim:
                  f"max rel. error {err:.1e} (tol 1e-12)", err <= 1e-12, "closed form")
 
 
-@_one_thread
+@single_threaded
 def claim_symmetric_psd(quick: bool, seed: int) -> Claim:
     g = _gen(seed, 3)
     f, p = _small_mlp(seed)
@@ -412,7 +400,7 @@ def claim_symmetric_psd(quick: bool, seed: int) -> Claim:
                  ok, "Gram matrices")
 
 
-@_one_thread
+@single_threaded
 def claim_sketch(quick: bool, seed: int) -> Claim:
     g = _gen(seed, 4)
     cfg = NTKWidthConfig(widths=(128,), depth=1, input_dim=16, task="classification", num_classes=2)
@@ -436,7 +424,7 @@ def claim_sketch(quick: bool, seed: int) -> Claim:
                  ratio <= 1.3 and bias <= 3 / math.sqrt(reps), "count-sketch variance (theory/sketch.py)")
 
 
-@_one_thread
+@single_threaded
 def claim_tiny_lr_follows_gradient_flow(quick: bool, seed: int) -> Claim:
     cfg5 = NTKWidthConfig(widths=(2048,), depth=1, num_train=16, num_test=32, lr=0.05, steps=400, seeds=(seed,))
     row, _ = run_unit(cfg5, 2048, seed)
@@ -447,7 +435,7 @@ def claim_tiny_lr_follows_gradient_flow(quick: bool, seed: int) -> Claim:
                  row["dist_gf_test"] <= 0.022 and row["dist_gf_train"] <= 0.022, "Jacot et al. 2018; Lee et al. 2019")
 
 
-@_one_thread
+@single_threaded
 def claim_width_trends(quick: bool, seed: int) -> list[Claim]:
     widths = (64, 256, 1024, 4096) if quick else (64, 128, 256, 512, 1024, 2048, 4096)
     seeds = (seed, seed + 1) if quick else tuple(range(seed, seed + 5))
@@ -467,7 +455,7 @@ def claim_width_trends(quick: bool, seed: int) -> list[Claim]:
                   + f"; log-log slope {s_k:.2f} ({expected})", s_k <= -0.3, "Jacot et al. 2018; Dyer & Gur-Ari 2020")]
 
 
-@_one_thread
+@single_threaded
 def claim_linearization_recovers_gain(quick: bool, seed: int) -> Claim:
     from theory.linearize import linearization_report
 
@@ -486,7 +474,7 @@ def claim_linearization_recovers_gain(quick: bool, seed: int) -> Claim:
                  rep.gain_recovered >= 0.9, "Malladi et al. 2023, Sec. 6")
 
 
-@_one_thread
+@single_threaded
 def claim_lssvm_is_krr(quick: bool, seed: int) -> Claim:
     from theory.solvers import asymmetric_lssvm, kernel_regression
 

@@ -40,13 +40,14 @@ from ftsim.core.errors import InputError
 from ftsim.core.experiment import Experiment, RunContext, Verifier
 from ftsim.core.io import atomic_write_text, write_table
 from ftsim.core.tables import aggregate, markdown_table, mean_std
+from ftsim.core.threads import single_threaded
 from theory.finetune import (Head, Method, Optimizer, Params, Regularizer, TensorData, evaluate, finetune,
                              snapshot)
 from theory.metrics import accuracy
 from theory.smart import (Perturbation, brute_force_max_2d, compare_to_baseline, divergence_rows, freeze_bound,
                           inner_max, linear_softmax, local_sensitivity, momentum_anchors, momentum_bpp,
                           output_fisher, proximal_step_closed_form, robust_correct, small_eps_maximum,
-                          smoothness_regularizer, taylor_remainder_bound, unit_ball_quadratic_max, vanilla_bpp)
+                          smoothness_regularizer, taylor_remainder_bound, vanilla_bpp)
 
 __all__ = ["SmartSyntheticConfig", "PRESETS", "EXPERIMENT", "VERIFIER", "BagModel", "ALL_METHODS", "METHOD_LABELS",
            "make_world", "method_value", "run"]
@@ -476,17 +477,6 @@ EXPERIMENT = Experiment(
 # ftsim verify smart
 # ---------------------------------------------------------------------------------------------------------------
 
-def _one_thread(fn):
-    import functools
-
-    from ftsim.core.threads import limit_threads
-
-    @functools.wraps(fn)
-    def wrapped(quick: bool, seed: int):
-        with limit_threads(1):
-            return fn(quick, seed)
-
-    return wrapped
 
 
 def _instance(g: torch.Generator, d: int, C: int, scale: float = 2.0):
@@ -505,7 +495,7 @@ def _ascent_value(W, b, x, pert: Perturbation, seed: int, restarts: int = 1, div
     return float(res.values[-1][i]), res.delta[i]
 
 
-@_one_thread
+@single_threaded
 def claim_inner_max_l2_2d(quick: bool, seed: int) -> Claim:
     g = torch.Generator().manual_seed(1000 * seed + 1)
     n_inst, grid = (4, 300) if quick else (8, 400)
@@ -542,7 +532,7 @@ def claim_inner_max_l2_2d(quick: bool, seed: int) -> Claim:
                  "Jiang et al. 2020, Eq. 2 and Algorithm 1; brute force")
 
 
-@_one_thread
+@single_threaded
 def claim_inner_max_linf_2d(quick: bool, seed: int) -> Claim:
     g = torch.Generator().manual_seed(1000 * seed + 2)
     n_inst, grid = (8, 200) if quick else (32, 400)
@@ -569,7 +559,7 @@ def claim_inner_max_linf_2d(quick: bool, seed: int) -> Claim:
                  "Jiang et al. 2020, Algorithm 1; brute force")
 
 
-@_one_thread
+@single_threaded
 def claim_small_eps_2d(quick: bool, seed: int) -> Claim:
     g = torch.Generator().manual_seed(1000 * seed + 3)
     n_inst, grid = (3, 300) if quick else (5, 400)
@@ -600,7 +590,7 @@ def claim_small_eps_2d(quick: bool, seed: int) -> Claim:
                  "eps^2/2 is the one-KL value: the symmetric KL doubles it")
 
 
-@_one_thread
+@single_threaded
 def claim_small_eps_high_dim(quick: bool, seed: int) -> Claim:
     g = torch.Generator().manual_seed(1000 * seed + 4)
     n_inst = 3 if quick else 10
@@ -684,7 +674,7 @@ def _prox_solve(X, y, c, w, mu, theta0, steps=None):
     return theta, star, bound, A, b, B
 
 
-@_one_thread
+@single_threaded
 def claim_proximal_closed_form(quick: bool, seed: int) -> Claim:
     X, y, c = _linear_regression(1000 * seed + 5)
     theta0 = torch.zeros(X.shape[1], dtype=torch.float64) + 0.3
@@ -702,7 +692,7 @@ def claim_proximal_closed_form(quick: bool, seed: int) -> Claim:
                  "closed form")
 
 
-@_one_thread
+@single_threaded
 def claim_mu_freezes(quick: bool, seed: int) -> Claim:
     X, y, c = _linear_regression(1000 * seed + 6)
     theta0 = torch.zeros(X.shape[1], dtype=torch.float64) + 0.3
@@ -726,7 +716,7 @@ def claim_mu_freezes(quick: bool, seed: int) -> Claim:
                  ok, "first-order optimality and monotonicity of grad F")
 
 
-@_one_thread
+@single_threaded
 def claim_momentum_anchor(quick: bool, seed: int) -> Claim:
     X, y, c = _linear_regression(1000 * seed + 7)
     w, mu, lr = 0.5, 2.0, 0.05
@@ -771,7 +761,7 @@ def _tiny_bag(seed: int):
     return model, TensorData(tokens, labels)
 
 
-@_one_thread
+@single_threaded
 def claim_vbpp_s1_is_plain(quick: bool, seed: int) -> Claim:
     pert = Perturbation(eps=0.05, steps=1, step_size=5.0, init_std=0.05)
     reg = smoothness_regularizer(pert, weight=1.0, embed=_embed, forward_embeds=_forward_embeds)

@@ -30,7 +30,6 @@ where every quantity of the theorems can be computed: ``ftsim verify sparse`` an
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -46,6 +45,7 @@ from ftsim.core.errors import InputError
 from ftsim.core.experiment import Experiment, RunContext, Verifier
 from ftsim.core.io import atomic_write_text, write_table
 from ftsim.core.tables import aggregate, markdown_table, mean_std, paired_difference, summarize
+from ftsim.core.threads import limit_threads, single_threaded
 from theory import sparse as sp
 
 __all__ = [
@@ -681,28 +681,11 @@ def claim_lora_follows_kernel(quick: bool, seed: int) -> Claim:
                  worst <= 0.1, SOURCE_MALLADI)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    from ftsim.core.threads import limit_threads
-
-    with limit_threads(1):
-        yield
-
-
-def _threaded(fn):
-    import functools
-
-    @functools.wraps(fn)
-    def wrapped(quick: bool, seed: int):
-        with _one_thread():
-            return fn(quick, seed)
-
-    return wrapped
 
 
 VERIFIER = Verifier(
     name="sparse",
-    claims=tuple(_threaded(fn) for fn in (
+    claims=tuple(single_threaded(fn) for fn in (
         claim_sam_rule_exact, claim_sam_rule_nondiagonal, claim_stability_logistic, claim_stability_linearized,
         claim_stability_nonconvex, claim_generalization, claim_ucurve, claim_lora_kernel_rank,
         claim_lora_follows_kernel)),
@@ -805,7 +788,7 @@ def _stability_unit(cfg: SparseSyntheticConfig, seed: int) -> list[dict]:
 def run(cfg: SparseSyntheticConfig, ctx: RunContext) -> dict:
     from ftsim.core.progress import bar
 
-    with _one_thread():
+    with limit_threads(1):
         common = dataclasses.asdict(cfg)
         stab = []
         for seed in bar(cfg.seeds, desc="stability (exact LOO)", disable=not ctx.progress):

@@ -4,7 +4,6 @@ from the cache, configuration errors name the field; and on the real SmolLM2 the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest

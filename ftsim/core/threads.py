@@ -8,10 +8,13 @@ makes them many times slower. :func:`limit_threads` fixes both pools for a block
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
-__all__ = ["limit_threads"]
+__all__ = ["limit_threads", "single_threaded"]
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -35,3 +38,15 @@ def limit_threads(n: int = 1, *, torch_threads: bool = True, blas: bool = True) 
         if torch is not None and before is not None:
             torch.set_num_threads(before)
         stack.close()
+
+
+def single_threaded(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` run under :func:`limit_threads` (1): for verifier claims, whose tensors are small, where extra threads
+    only add synchronisation (and stall badly on a shared, oversubscribed CPU)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with limit_threads(1):
+            return fn(*args, **kwargs)
+
+    return wrapped
