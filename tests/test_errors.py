@@ -9,7 +9,7 @@ import hashlib
 import pytest
 
 from ftsim.app.cli import main
-from tests.test_real_malladi import NEG, POS
+from tests.conftest import NEG, POS
 
 GEN = ["generate", "--preset", "wei2021", "--sequences", "10", "--length", "4", "--no-progress"]
 TINY = ["run", "malladi", "--preset", "quick", "--model", "tiny-causal", "--k", "2", "--seeds", "13",

@@ -148,18 +148,13 @@ def test_dry_run_counts_units_and_estimates_from_measured_ones(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_malladi_units_on_local_workers_equal_the_serial_run(tmp_path, monkeypatch):
+def test_malladi_units_on_local_workers_equal_the_serial_run(tmp_path, monkeypatch, task_dir):
     """The real-task sweep fans out too: each worker loads the task once; with a fixed thread count (float32
     reductions depend on it) the tables are byte-identical to the serial run's."""
-    from tests.test_real_malladi import NEG, POS, TINY
+    from tests.test_real_malladi import TINY
 
     monkeypatch.delenv("FTSIM_CACHE", raising=False)
-    d = tmp_path / "data"
-    d.mkdir()
-    lines = [f"1 {s} .\n" for s in POS] + [f"0 {s} .\n" for s in NEG]
-    (d / "stsa.binary.train").write_text("".join(lines))
-    (d / "stsa.binary.dev").write_text("".join(lines[::2]))
-    args = ["run", "malladi", "--preset", "quick", "--model", "tiny-causal", "--data-dir", str(d), *TINY,
+    args = ["run", "malladi", "--preset", "quick", "--model", "tiny-causal", "--data-dir", str(task_dir), *TINY,
             "--threads", "1"]
     for name in ("serial", "local"):
         assert main([*args, "--out", str(tmp_path / name), "--executor", name, "--jobs", "2"]) == 0
