@@ -8,11 +8,15 @@ task with the same label space (e.g. CR) and several seeds:
 
 * **LP**: a multinomial logistic regression on the frozen features, L2 strength by cross-validation
   (:func:`theory.lpft.fit_linear_probe`, the authors' ``LogisticRegressionCV``). The features phi_0(x) of every
-  example set (each seed's training and validation sets, the ID and OOD test sets) are computed once and stored as
-  units of the shared cache.
+  example set (each seed's training and validation sets, the ID and OOD test sets) and each seed's probe are
+  computed once and stored as units of the shared cache.
 * **FT** (head N(0, 0.02^2), as a new classifier layer), **LP-FT** (head = the probe), **LoRA-FT** and
   **LP-LoRA-FT** (peft LoRA on the attention and MLP projections, the head trainable): values of
   :func:`theory.lpft.method_values` run by :func:`theory.finetune.finetune`; one unit per seed and method.
+
+Every unit is planned as data (:func:`plan`), so an executor (``--executor local|submitit``) computes them in other
+processes before :func:`run` gathers them; a unit that needs another (fine-tuning needs the features and the probe)
+reads it from the cache, computing it there if no one did.
 
 Per method and seed: ID and OOD accuracy; ECE (15 equal-width bins, top label) and NLL before and after temperature
 scaling fitted on the validation set; the head norm over training; the feature change ||phi_FT(x) - phi_0(x)|| on
@@ -25,6 +29,7 @@ features. Tables: ``results.jsonl`` (tidy: seed, method, metric, value), ``head_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -32,15 +37,25 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from ftsim.core.cache import UnitCache
+from ftsim.core.config import config_hash
 from ftsim.core.errors import InputError
-from ftsim.core.experiment import Experiment, RunContext
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec, loaded_once
 from ftsim.core.io import atomic_write_text, stable_hash, write_json, write_table
 from ftsim.core.tables import aggregate, markdown_table, mean_std
+from ftsim.core.threads import threads_if
 
-__all__ = ["LPFTConfig", "PRESETS", "EXPERIMENT", "run", "UNIT_VERSIONS", "comparison_markdown"]
+__all__ = ["LPFTConfig", "PRESETS", "EXPERIMENT", "run", "plan", "compute_unit", "UNIT_VERSIONS",
+           "comparison_markdown"]
 
 METHODS = ("LP", "FT", "LP-FT", "LoRA-FT", "LP-LoRA-FT")
-UNIT_VERSIONS = {"features": 1, "finetune": 2}
+# Bump a kind's version when its computation changes (old units are then never read). finetune 3: the LoRA adapter
+# of the eNTK parts at the start of FT is drawn from the RNG seeded as FT seeds it (version 2 drew it from the
+# process's global RNG, so a unit depended on what its process had run before), and an LP method's key names its
+# probe by the probe unit instead of the probe's weights (unknown when the run is planned).
+UNIT_VERSIONS = {"features": 1, "probe": 1, "finetune": 3}
+# The probe's fit (theory.lpft.fit_linear_probe: the authors' LogisticRegressionCV), part of the probe unit's key.
+PROBE_FIT = {"Cs": 10, "folds": 5, "max_iter": 5000}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # llama
                 "query", "key", "value", "dense")  # BERT
 
@@ -125,18 +140,30 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data, model and cached features
+# Data, model and the units of the run
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Setup:
+    """A loaded run: the example sets, the model at theta_0 and what every unit's key depends on (``key``).
+
+    Attributes:
+        sets: name -> list[Example]; names ``train-<seed>``, ``val-<seed>``, ``test``, ``ood``.
+        records: what ``splits.json`` holds (the data files and each seed's split).
+        cache_root: the unit cache the run's units (and their dependencies) live in.
+    """
+
     cfg: LPFTConfig
     lm: object
-    sets: dict  # (name) -> list[Example]; name in train-<seed>, val-<seed>, test, ood
+    sets: dict
+    records: dict
     key: dict
+    theta0: dict
     device: str
     progress: bool
+    cache_root: str
     encoded: dict = dataclasses.field(default_factory=dict)
+    hashes: dict = dataclasses.field(default_factory=dict)
 
     def encode(self, name: str):
         from real_tasks.classify import encode_set
@@ -145,11 +172,21 @@ class Setup:
             self.encoded[name] = encode_set(self.lm, self.sets[name], prompt=None, max_length=self.cfg.max_length)
         return self.encoded[name]
 
-    def classifier(self, theta0: dict, head_seed: int = 0):
+    def set_hash(self, name: str) -> str:
+        """Content hash of the example set ``name`` (its texts and labels), computed once."""
+        if name not in self.hashes:
+            self.hashes[name] = stable_hash([(e.text_a, e.text_b, e.label) for e in self.sets[name]])
+        return self.hashes[name]
+
+    def labels(self, name: str) -> np.ndarray:
+        return np.array([e.label for e in self.sets[name]])
+
+    def classifier(self, head_seed: int = 0):
+        """The linear-head classifier of the model at theta_0 (weights restored, head N(0, 0.02^2) from the seed)."""
         from real_tasks.classify import make_classifier
         from theory.finetune import restore
 
-        restore(self.lm.model, theta0)
+        restore(self.lm.model, self.theta0)
         return make_classifier(self.lm, use_prompt=False, num_classes=2, head_seed=head_seed).to(self.device)
 
 
@@ -178,22 +215,129 @@ def _splits(cfg: LPFTConfig) -> tuple[dict, dict]:
     return sets, {**records, "files": {**data.files, **ood.files}}
 
 
-def load(cfg: LPFTConfig, ctx: RunContext) -> tuple[Setup, dict]:
+def load_setup(cfg: LPFTConfig, *, device: str, cache: UnitCache, progress: bool = False) -> Setup:
+    """The example sets of ``cfg`` and its model at theta_0 (a function of the config alone: same seed, same sets
+    and weights in any process)."""
     from real_tasks.data import texts
     from real_tasks.models import load_model
 
     sets, records = _splits(cfg)
-    write_json(ctx.out_dir / "splits.json", records)
     vocab = " ".join(texts([e for v in sets.values() for e in v])).split() if cfg.model.startswith("tiny-") else None
-    lm = load_model(cfg.model, device=ctx.device, cache=ctx.cache, vocab=vocab)
+    lm = load_model(cfg.model, device=device, cache=cache, vocab=vocab)
     key = {"model": lm.fingerprint, "task": cfg.task, "ood_task": cfg.ood_task, "files": records["files"],
            "max_length": cfg.max_length}
     theta0 = {k: v.detach().to("cpu", copy=True) for k, v in lm.model.named_parameters()}
-    return Setup(cfg, lm, sets, key, ctx.device, ctx.progress), theta0
+    return Setup(cfg, lm, sets, records, key, theta0, device, progress, str(cache.root))
 
 
-def _set_hash(examples) -> str:
-    return stable_hash([(e.text_a, e.text_b, e.label) for e in examples])
+def _setup(cfg: LPFTConfig, device: str, cache: UnitCache, progress: bool = False) -> Setup:
+    # keyed by the cache too: a Setup names the cache its units' dependencies are read from
+    return loaded_once(("lpft", config_hash(cfg), device, str(cache.root)),
+                       lambda: load_setup(cfg, device=device, cache=cache, progress=progress))
+
+
+def _spec(setup: Setup, kind: str, inputs: dict, label: str, needs: tuple[UnitSpec, ...] = (), **params
+          ) -> UnitSpec:
+    """A unit of this run as data: its key, :func:`compute_unit` with the config and the unit's parameters, and
+    the units it reads (``needs``)."""
+    return UnitSpec(f"lpft.{kind}", UNIT_VERSIONS[kind], inputs, "real_tasks.lpft:compute_unit",
+                    {"config": dataclasses.asdict(setup.cfg), "device": setup.device, "cache_root": setup.cache_root,
+                     "unit": kind, **params}, label=label, needs=tuple(n.key.digest for n in needs))
+
+
+def features_spec(setup: Setup, name: str) -> UnitSpec:
+    """phi_0(x) of the example set ``name`` (array ``phi``, (N, H)), keyed by the model and the set's examples."""
+    import torch
+
+    inputs = {**setup.key, "unit": "features", "set": setup.set_hash(name), "n": len(setup.sets[name]),
+              "device": torch.device(setup.device).type}
+    return _spec(setup, "features", inputs, f"features {name}", name=name)
+
+
+def probe_spec(setup: Setup, seed: int) -> UnitSpec:
+    """The linear probe of ``seed`` (arrays ``weight`` (2, H) and ``bias`` (2,)), keyed by the features unit of its
+    training set (which names the model and the examples, labels included) and the fit's settings."""
+    features = features_spec(setup, f"train-{seed}")
+    inputs = {"unit": "probe", "features": features.key.digest, "seed": seed, "num_classes": 2, "fit": PROBE_FIT}
+    return _spec(setup, "probe", inputs, f"linear probe seed {seed}", needs=(features,), seed=seed)
+
+
+def finetune_spec(setup: Setup, seed: int, name: str) -> UnitSpec:
+    """One fine-tuning method on one seed (see :func:`_finetune`)."""
+    import torch
+
+    cfg = setup.cfg
+    method = methods_for(cfg, len(setup.sets[f"train-{seed}"]), _probe_stand_in(), seed)[name]
+    inputs = {**setup.key, "unit": "finetune", "seed": seed, "method": _method_key(setup, seed, method),
+              "train": setup.set_hash(f"train-{seed}"), "val": setup.set_hash(f"val-{seed}"),
+              "test": setup.set_hash("test"), "ood": setup.set_hash("ood"), "kernel_examples": cfg.kernel_examples,
+              "ntk": cfg.ntk_implementation, "device": torch.device(setup.device).type}
+    needs = tuple(features_spec(setup, n) for n in (f"train-{seed}", "test", "ood"))
+    needs += (probe_spec(setup, seed),) if name.startswith("LP-") else ()
+    return _spec(setup, "finetune", inputs, f"{name} seed {seed}", needs=needs, seed=seed, method=name)
+
+
+def _method_key(setup: Setup, seed: int, method) -> dict:
+    """The method's description for a key; a head started at the probe is named by the probe's unit, as its
+    weights are known only once that unit ran."""
+    d = method.describe()
+    if d["head"]["init"] == "given":
+        d["head"]["weights"] = {"probe": probe_spec(setup, seed).key.digest}
+    return d
+
+
+def _probe_stand_in():
+    """A probe in place of the fitted one where only the method's description is needed (see :func:`_method_key`)."""
+    from theory.lpft import Probe
+
+    return Probe(np.zeros((2, 1)), np.zeros(2), 1.0, 2)
+
+
+def read_probe(unit):
+    """The :class:`theory.lpft.Probe` stored by a probe unit."""
+    from theory.lpft import Probe
+
+    return Probe(unit.array("weight"), unit.array("bias"), float(unit.result["C"]), int(unit.result["folds"]))
+
+
+def _needs_probe(cfg: LPFTConfig) -> bool:
+    return bool({"LP", "LP-FT", "LP-LoRA-FT"} & set(cfg.methods))
+
+
+def _ft_methods(cfg: LPFTConfig) -> list[str]:
+    return [m for m in METHODS[1:] if m in cfg.methods]
+
+
+def plan(cfg: LPFTConfig, ctx: RunContext) -> list[UnitSpec]:
+    """Every unit of the run as data, dependencies first: the features of every example set, each seed's probe,
+    then one fine-tuning unit per seed and method (loads the data and the model once, for the keys; computes
+    nothing). A unit whose dependency is not there yet computes it through the cache (:func:`_needed`)."""
+    setup = _setup(cfg, ctx.device, ctx.cache, ctx.progress)
+    specs = [features_spec(setup, name) for name in setup.sets]
+    specs += [probe_spec(setup, s) for s in cfg.seeds] if _needs_probe(cfg) else []
+    specs += [finetune_spec(setup, s, m) for s in cfg.seeds for m in _ft_methods(cfg)]
+    return list({s.key.digest: s for s in specs}.values())  # two sets with the same examples share a unit
+
+
+def compute_unit(work, config: dict, device: str, cache_root: str, unit: str, **params):
+    """Compute one unit (in this process or an executor's worker) from the config alone: the data and the model
+    are loaded once per process, the thread count fixed when ``threads`` > 0 (float32 reductions depend on it)."""
+    from ftsim.core.config import config_from_dict
+
+    cfg = config_from_dict(LPFTConfig, config)
+    setup = _setup(cfg, device, UnitCache(cache_root))
+    with threads_if(cfg.threads):
+        return _dispatch(setup, work, unit, params)
+
+
+def _dispatch(setup: Setup, work, unit: str, params: dict):
+    if unit == "features":
+        return _features(setup, work, params["name"])
+    if unit == "probe":
+        return _probe(setup, work, params["seed"])
+    if unit == "finetune":
+        return _finetune(setup, params["seed"], params["method"])
+    raise ValueError(f"unknown lpft unit {unit!r}")
 
 
 def pooled_and_logits(module, data, device, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -217,20 +361,22 @@ def pooled_and_logits(module, data, device, batch_size: int = 16) -> tuple[np.nd
     return phi, logits
 
 
-def features(setup: Setup, ctx: RunContext, theta0: dict, name: str) -> np.ndarray:
-    """phi_0(x) of the example set ``name``, computed once (a unit keyed by the model and the set's examples)."""
-    import torch
+def _features(setup: Setup, work, name: str) -> dict:
+    t0 = time.perf_counter()
+    phi, _ = pooled_and_logits(setup.classifier(), setup.encode(name), setup.device)
+    work.save_array("phi", phi)
+    return {"seconds": time.perf_counter() - t0, "n": len(phi)}
 
-    inputs = {**setup.key, "unit": "features", "set": _set_hash(setup.sets[name]), "n": len(setup.sets[name]),
-              "device": torch.device(setup.device).type}
 
-    def compute(work):
-        t0 = time.perf_counter()
-        phi, _ = pooled_and_logits(setup.classifier(theta0), setup.encode(name), setup.device)
-        work.save_array("phi", phi)
-        return {"seconds": time.perf_counter() - t0, "n": len(phi)}
+def _probe(setup: Setup, work, seed: int) -> dict:
+    from theory.lpft import fit_linear_probe
 
-    return ctx.unit("lpft.features", UNIT_VERSIONS["features"], inputs, compute).array("phi")
+    t0 = time.perf_counter()
+    phi = features_spec(setup, f"train-{seed}").fetch(setup.cache_root).array("phi")
+    probe = fit_linear_probe(phi, setup.labels(f"train-{seed}"), 2, seed=seed, **PROBE_FIT)
+    work.save_array("weight", probe.weight)
+    work.save_array("bias", probe.bias)
+    return {"C": probe.C, "folds": probe.folds, "seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,56 +440,79 @@ def _backbone_kernel_shares(module, data, n: int, lora: bool, phi0: np.ndarray, 
     return {**{f"kernel_{k}": v for k, v in kernel_shares(kh, kb).items()}, "kernel_seconds": time.perf_counter() - t0}
 
 
-def finetune_unit(setup: Setup, ctx: RunContext, theta0: dict, seed: int, name: str, method, phi0: dict,
-                  probe) -> dict:
-    """One method on one seed (a unit): kernel parts at the start, fine-tuning with the head norm recorded, then
-    the metrics of :func:`_evaluate`."""
+def _finetune(setup: Setup, seed: int, name: str) -> dict:
+    """One method on one seed: kernel parts at the start, fine-tuning with the head norm recorded, then the metrics
+    of :func:`_evaluate`. The features (and the probe) come from their units."""
+    t0 = time.perf_counter()
+    setup.lm.model = _strip_adapters(setup.lm.model)  # left by a unit that failed earlier in this process
+    phi0 = {n: features_spec(setup, n).fetch(setup.cache_root).array("phi") for n in (f"train-{seed}", "test", "ood")}
+    probe = read_probe(probe_spec(setup, seed).fetch(setup.cache_root)) if name.startswith("LP-") else None
+    method = methods_for(setup.cfg, len(setup.sets[f"train-{seed}"]), probe, seed)[name]
+    out = _start(setup, seed, name, method, phi0[f"train-{seed}"])
+    rec = _train_and_evaluate(setup, seed, name, method, phi0, out)
+    rec["metrics"]["seconds"] = time.perf_counter() - t0
+    return rec
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: str):
+    """The global torch RNG seeded from ``seed`` for a block, as :func:`theory.finetune.finetune` seeds it, without
+    disturbing the caller's."""
     import torch
 
-    inputs = {**setup.key, "unit": "finetune", "seed": seed, "method": method.describe(),
-              "train": _set_hash(setup.sets[f"train-{seed}"]), "val": _set_hash(setup.sets[f"val-{seed}"]),
-              "test": _set_hash(setup.sets["test"]), "ood": _set_hash(setup.sets["ood"]),
-              "kernel_examples": setup.cfg.kernel_examples, "ntk": setup.cfg.ntk_implementation,
-              "device": torch.device(setup.device).type}
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else [], device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
 
-    def compute(work):
-        from theory.finetune import finetune, prepare
-        from theory.lpft import head_norm
 
-        t0 = time.perf_counter()
-        train = setup.encode(f"train-{seed}")
-        start = setup.classifier(theta0, head_seed=seed)
+def _start(setup: Setup, seed: int, name: str, method, phi0_train: np.ndarray) -> dict:
+    """The head norm and the eNTK parts at the start of FT. The adapter (LoRA's A) is drawn as fine-tuning draws
+    it (the RNG seeded from ``seed``): the kernel is the one FT starts from, and the unit a function of its key."""
+    from theory.finetune import prepare
+    from theory.lpft import head_norm
+
+    cfg = setup.cfg
+    start = setup.classifier(head_seed=seed)
+    with _seeded(seed, setup.device):
         prepare(start, method)  # the method's start: its head (random or the probe) and adapter
-        out: dict = {"head_norm_start": head_norm(start.head.weight)}
-        if setup.cfg.kernel_examples:
-            out.update(_backbone_kernel_shares(start, train, min(setup.cfg.kernel_examples, len(train)),
-                                               "LoRA" in name, phi0[f"train-{seed}"], setup.cfg.ntk_implementation))
-        del start
-        setup.lm.model = _strip_adapters(setup.lm.model)
-        module = setup.classifier(theta0, head_seed=seed)
+    out: dict = {"head_norm_start": head_norm(start.head.weight)}
+    if cfg.kernel_examples:
+        train = setup.encode(f"train-{seed}")
+        out.update(_backbone_kernel_shares(start, train, min(cfg.kernel_examples, len(train)), "LoRA" in name,
+                                           phi0_train, cfg.ntk_implementation))
+    del start
+    setup.lm.model = _strip_adapters(setup.lm.model)
+    return out
 
-        def on_step(step, mod):
-            return {"head_norm": head_norm(mod.head.weight)}
 
-        t1 = time.perf_counter()
-        res = finetune(module, train, method, seed=seed, device=setup.device, progress=setup.progress,
-                       desc=f"{name} s{seed}", on_step=on_step)
-        ft_seconds = time.perf_counter() - t1
-        norms = [{"step": 0, "head_norm": out["head_norm_start"], "train_loss": None}] + \
-            [{"step": h["step"], "head_norm": h["head_norm"], "train_loss": h["train_loss"]} for h in res.history]
-        t2 = time.perf_counter()
-        logits, phis = {}, {}
-        for split in ("val", "test", "ood"):
-            key = f"val-{seed}" if split == "val" else split
-            phis[split], logits[split] = pooled_and_logits(module, setup.encode(key), setup.device)
-        out.update(_evaluate(setup, seed, logits, phis, phi0))
-        out.update(head_norm_end=head_norm(module.head.weight), train_loss_final=res.final_train_loss,
-                   trainable_entries=res.trainable_entries, steps=method.steps, ft_seconds=ft_seconds,
-                   eval_seconds=time.perf_counter() - t2, seconds=time.perf_counter() - t0)
-        setup.lm.model = _strip_adapters(module.lm)
-        return {"metrics": out, "history": norms, "test_logits": logits["test"].tolist()}
+def _train_and_evaluate(setup: Setup, seed: int, name: str, method, phi0: dict, out: dict) -> dict:
+    """Fine-tune from theta_0 with the head norm recorded at every step; ``out`` gets the metrics."""
+    from theory.finetune import finetune
+    from theory.lpft import head_norm
 
-    return ctx.unit("lpft.finetune", UNIT_VERSIONS["finetune"], inputs, compute).result
+    module = setup.classifier(head_seed=seed)
+
+    def on_step(step, mod):
+        return {"head_norm": head_norm(mod.head.weight)}
+
+    t1 = time.perf_counter()
+    res = finetune(module, setup.encode(f"train-{seed}"), method, seed=seed, device=setup.device,
+                   progress=setup.progress, desc=f"{name} s{seed}", on_step=on_step)
+    ft_seconds = time.perf_counter() - t1
+    norms = [{"step": 0, "head_norm": out["head_norm_start"], "train_loss": None}] + \
+        [{"step": h["step"], "head_norm": h["head_norm"], "train_loss": h["train_loss"]} for h in res.history]
+    t2 = time.perf_counter()
+    logits, phis = {}, {}
+    for split in ("val", "test", "ood"):
+        key = f"val-{seed}" if split == "val" else split
+        phis[split], logits[split] = pooled_and_logits(module, setup.encode(key), setup.device)
+    out.update(_evaluate(setup, seed, logits, phis, phi0))
+    out.update(head_norm_end=head_norm(module.head.weight), train_loss_final=res.final_train_loss,
+               trainable_entries=res.trainable_entries, steps=method.steps, ft_seconds=ft_seconds,
+               eval_seconds=time.perf_counter() - t2)
+    setup.lm.model = _strip_adapters(module.lm)
+    return {"metrics": out, "history": norms, "test_logits": logits["test"].tolist()}
 
 
 def _strip_adapters(model):
@@ -389,52 +558,60 @@ def _reliability(setup: Setup, seed: int, method: str, test_logits, temperature:
             for cal, T in (("before TS", 1.0), ("after TS", temperature)) for b in reliability_bins(softmax(z / T), y)]
 
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
 
 def run(cfg: LPFTConfig, ctx: RunContext) -> dict:
-    import contextlib
-
-    from ftsim.core.threads import limit_threads
-
-    with limit_threads(cfg.threads) if cfg.threads > 0 else contextlib.nullcontext():
+    """Every unit of :func:`plan` (read from the cache when an executor or an earlier run computed it), then the
+    tables and the summary."""
+    with threads_if(cfg.threads):
         return _run(cfg, ctx)
+
+
+def _lp(setup: Setup, seed: int, probe, phi0: dict, base: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """LP's rows and reliability bins (when LP is one of the methods) and the LP head-norm curves (CE vs MSE)."""
+    from theory.lpft import head_norm, least_squares_head, probe_gradient_descent
+
+    cfg, rows, reliability, curves = setup.cfg, [], [], []
+    train = phi0[f"train-{seed}"]
+    if "LP" in cfg.methods:
+        lp_logits = {"val": probe.logits(phi0[f"val-{seed}"]), "test": probe.logits(phi0["test"]),
+                     "ood": probe.logits(phi0["ood"])}
+        m = _evaluate(setup, seed, lp_logits, None, phi0)
+        m.update(head_norm_start=0.0, head_norm_end=head_norm(probe.weight), feature_change_test=0.0,
+                 feature_change_ood=0.0, lp_C=probe.C)
+        rows += [{**base, "seed": seed, "method": "LP", "metric": k, "value": v} for k, v in m.items()]
+        reliability += _reliability(setup, seed, "LP", lp_logits["test"], m["temperature"])
+    y = setup.labels(f"train-{seed}")
+    V_ls, _, lr = least_squares_head(train, y, 2)
+    for loss in ("ce", "mse"):
+        curves += [{**base, "seed": seed, "objective": loss, "lr": lr, "ls_head_norm": head_norm(V_ls), **r}
+                   for r in probe_gradient_descent(train, y, 2, loss=loss, lr=lr, steps=cfg.lp_curve_steps)]
+    return rows, reliability, curves
 
 
 def _run(cfg: LPFTConfig, ctx: RunContext) -> dict:
     import torch
 
-    from theory.lpft import fit_linear_probe, head_norm, least_squares_head, probe_gradient_descent
-
     t_all = time.perf_counter()
-    setup, theta0 = load(cfg, ctx)
+    setup = _setup(cfg, ctx.device, ctx.cache, ctx.progress)
+    write_json(ctx.out_dir / "splits.json", setup.records)
     seconds = {"features": 0.0, "lp": 0.0, "kernels": 0.0, "finetune": 0.0, "evaluate": 0.0}
     t = time.perf_counter()
-    phi0 = {name: features(setup, ctx, theta0, name) for name in setup.sets}
+    phi0 = {name: ctx.unit_of(features_spec(setup, name)).array("phi") for name in setup.sets}
     seconds["features"] = time.perf_counter() - t
     rows, history, reliability, curves = [], [], [], []
     base = {"task": cfg.task, "ood_task": cfg.ood_task, "model": cfg.model}
     for seed in cfg.seeds:
         t = time.perf_counter()
-        y = {n: np.array([e.label for e in setup.sets[n]]) for n in (f"train-{seed}", f"val-{seed}", "test", "ood")}
-        probe = fit_linear_probe(phi0[f"train-{seed}"], y[f"train-{seed}"], 2, seed=seed)
-        if "LP" in cfg.methods:
-            lp_logits = {"val": probe.logits(phi0[f"val-{seed}"]), "test": probe.logits(phi0["test"]),
-                         "ood": probe.logits(phi0["ood"])}
-            m = _evaluate(setup, seed, lp_logits, None, phi0)
-            m.update(head_norm_start=0.0, head_norm_end=head_norm(probe.weight), feature_change_test=0.0,
-                     feature_change_ood=0.0, lp_C=probe.C)
-            rows += [{**base, "seed": seed, "method": "LP", "metric": k, "value": v} for k, v in m.items()]
-            reliability += _reliability(setup, seed, "LP", lp_logits["test"], m["temperature"])
-        V_ls, _, lr = least_squares_head(phi0[f"train-{seed}"], y[f"train-{seed}"], 2)
-        for loss in ("ce", "mse"):
-            curves += [{**base, "seed": seed, "objective": loss, "lr": lr, "ls_head_norm": head_norm(V_ls), **r}
-                       for r in probe_gradient_descent(phi0[f"train-{seed}"], y[f"train-{seed}"], 2, loss=loss,
-                                                       lr=lr, steps=cfg.lp_curve_steps)]
+        probe = read_probe(ctx.unit_of(probe_spec(setup, seed))) if _needs_probe(cfg) else None
+        lp_rows, lp_reliability, lp_curves = _lp(setup, seed, probe, phi0, base)
+        rows, reliability, curves = rows + lp_rows, reliability + lp_reliability, curves + lp_curves
         seconds["lp"] += time.perf_counter() - t
-        for name, method in methods_for(cfg, len(setup.sets[f"train-{seed}"]), probe, seed).items():
-            rec = finetune_unit(setup, ctx, theta0, seed, name, method, phi0, probe)
+        for name in _ft_methods(cfg):
+            rec = ctx.unit_of(finetune_spec(setup, seed, name)).result
             m = rec["metrics"]
             seconds["kernels"] += m.get("kernel_seconds", 0.0)
             seconds["finetune"] += m.get("ft_seconds", 0.0)
@@ -480,6 +657,7 @@ EXPERIMENT = Experiment(
     run=run,
     figures=("figures.lpft:redraw",),
     verifier="lpft",
+    plan=plan,
     reproduce=(),
     help=("Tomihari & Sato 2024 / Kumar et al. 2022 on a real LM: LP (cross-validated logistic regression on cached "
           "features), FT, LP-FT, LoRA-FT, LP-LoRA-FT; ID and OOD accuracy, ECE/NLL before and after temperature "

@@ -34,7 +34,7 @@ import numpy as np
 
 from ftsim.core.errors import InputError
 from ftsim.core.config import config_hash
-from ftsim.core.experiment import Experiment, RunContext, UnitSpec
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec, loaded_once
 from ftsim.core.io import atomic_write_text, stable_hash, write_json, write_table
 from ftsim.core.tables import aggregate, mean_std, markdown_table
 
@@ -193,6 +193,7 @@ class Task:
     load_seconds: float
     cache_root: str = ""
     encoded_sets: dict = dataclasses.field(default_factory=dict)
+    cost_bases: dict = dataclasses.field(default_factory=dict)  # use_prompt -> real_tasks.costs.LMCostBasis
 
     @property
     def spec(self):
@@ -311,14 +312,91 @@ def method_value(cfg: MalladiConfig, method: str, lr: float, batch_size: int):
                   autocast=None if cfg.precision == "fp32" else cfg.precision)
 
 
-_TASKS: dict[tuple, Task] = {}  # the loaded task of this process, by (config hash, device): workers load it once
-
-
-def _spec(task: Task, kind: str, inputs: dict, label: str, **params) -> UnitSpec:
-    """A unit of this run as data: its key, and ``compute_unit`` with the config and the unit's parameters."""
+def _spec(task: Task, kind: str, inputs: dict, label: str, cost: dict, **params) -> UnitSpec:
+    """A unit of this run as data: its key, ``compute_unit`` with the config and the unit's parameters, and its
+    a-priori cost (see :mod:`real_tasks.costs`)."""
     return UnitSpec(f"malladi.{kind}", UNIT_VERSIONS[kind], inputs, "real_tasks.malladi:compute_unit",
                     {"config": dataclasses.asdict(task.cfg), "device": task.device, "cache_root": task.cache_root,
-                     "unit": kind, **params}, label=label)
+                     "unit": kind, **params}, label=label, cost={**cost, "device": task.device})
+
+
+# -- a-priori costs (real_tasks.costs): flops and peak device memory of each unit -------------------------------
+
+def _basis(task: Task, use_prompt: bool):
+    """The model's cost basis, measured once per task on the longest test example."""
+    if use_prompt not in task.cost_bases:
+        from real_tasks.costs import lm_cost_basis
+        from theory.batching import batch_to
+
+        test = task.test_set(use_prompt)
+        i = int(test.lengths.argmax())
+        task.cost_bases[use_prompt] = lm_cost_basis(task.classifier(use_prompt),
+                                                    batch_to(test.select([i]), task.device),
+                                                    _tokens(task, test, use_prompt, [i]))
+    return task.cost_bases[use_prompt]
+
+
+def _tokens(task: Task, enc, use_prompt: bool, rows=None) -> int:
+    """Tokens the model reads for the encoded set (``rows`` of it): C continuations each with ``label_mode=sum``."""
+    lengths = enc.lengths if rows is None else enc.lengths[list(rows)]
+    per = task.spec.num_labels if use_prompt and task.cfg.label_mode == "sum" else 1
+    return int(lengths.sum()) * per
+
+
+def _kernel_bytes(task: Task, basis) -> int:
+    """The engine plans within its budget (default: half the free memory, as the engine takes it)."""
+    from theory.memory import available_memory
+
+    budget = (int(task.cfg.memory_budget_gb * 2 ** 30) if task.cfg.memory_budget_gb is not None
+              else available_memory(task.device) // 2)
+    return basis.weight_bytes + budget
+
+
+def _finetune_cost(task: Task, method: str, seed: int, k0_inline: bool) -> dict:
+    """Every grid point's steps and validations, the test pass and the diagnostics (linearisation: a forward and a
+    JVP, about three forwards; kernel movement: C gradient rows of the diagnostic examples, once or twice)."""
+    from real_tasks.costs import forward_flops, output_gradient_flops, training_bytes, training_flops
+
+    cfg, use_prompt = task.cfg, method != "noprompt"
+    basis = _basis(task, use_prompt)
+    split = task.splits[seed]
+    train = task.encoded(f"train-{seed}", split.train, use_prompt)
+    dev = task.encoded(f"dev-{seed}", split.dev, use_prompt)
+    per_example = _tokens(task, train, use_prompt) / len(train)
+    lrs = {"sgd": cfg.sgd_lrs, "adam": cfg.adam_lrs, "noprompt": cfg.noprompt_lrs}[method]
+    evals = cfg.ft_steps // cfg.eval_every + 1 if cfg.eval_every else 1
+    flops = sum(training_flops(basis, cfg.ft_steps * bs * per_example) + forward_flops(basis, evals * _tokens(
+        task, dev, use_prompt)) for bs in cfg.batch_sizes for _ in lrs)
+    flops += forward_flops(basis, _tokens(task, task.test_set(use_prompt), use_prompt))
+    optimizer = {"sgd": "sgd", "adam": "adam", "noprompt": cfg.noprompt_optimizer}[method]
+    grid = len(cfg.batch_sizes) * len(lrs)
+    longest = int(train.lengths.max()) * (task.spec.num_labels if use_prompt and cfg.label_mode == "sum" else 1)
+    memory = training_bytes(basis, optimizer=optimizer, batch_tokens=max(cfg.batch_sizes) * longest,
+                            snapshots=int(grid > 1))
+    if cfg.diagnostics and use_prompt:
+        test = task.test_set(True)
+        n_diag = len(test) if cfg.diag_test_size is None else min(cfg.diag_test_size, len(test))
+        flops += 3 * forward_flops(basis, _tokens(task, test, True, range(n_diag)))
+        n_train = len(train) if cfg.diag_train_size is None else min(cfg.diag_train_size, len(train))
+        flops += (1 + int(k0_inline)) * output_gradient_flops(basis, n_train * per_example, task.spec.num_labels)
+        memory = max(memory, _kernel_bytes(task, basis))
+    return {"flops": flops, "memory_bytes": memory}
+
+
+def _kernel_cost(task: Task, enc, use_prompt: bool, rows=None) -> dict:
+    from real_tasks.costs import output_gradient_flops
+
+    basis = _basis(task, use_prompt)
+    return {"flops": output_gradient_flops(basis, _tokens(task, enc, use_prompt, rows), task.spec.num_labels),
+            "memory_bytes": _kernel_bytes(task, basis)}
+
+
+def _zero_shot_cost(task: Task) -> dict:
+    from real_tasks.costs import forward_flops
+
+    basis = _basis(task, True)
+    return {"flops": forward_flops(basis, _tokens(task, task.test_set(True), True)),
+            "memory_bytes": basis.weight_bytes}
 
 
 def compute_unit(work, config: dict, device: str, cache_root: str, unit: str, **params):
@@ -327,16 +405,12 @@ def compute_unit(work, config: dict, device: str, cache_root: str, unit: str, **
     from ftsim.core.config import config_from_dict
 
     cfg = config_from_dict(MalladiConfig, config)
-    key = (config_hash(cfg), device)
-    if key not in _TASKS:
-        _TASKS[key] = load_task(cfg, device=device, cache=UnitCache(cache_root), progress=False)
-    task = _TASKS[key]
-    if cfg.threads > 0:  # float32 reductions depend on the thread count: fixed, a unit is the same everywhere
-        from ftsim.core.threads import limit_threads
+    task = loaded_once(("malladi", config_hash(cfg), device, str(cache_root)),
+                       lambda: load_task(cfg, device=device, cache=UnitCache(cache_root), progress=False))
+    from ftsim.core.threads import threads_if
 
-        with limit_threads(cfg.threads):
-            return _dispatch(task, work, unit, params)
-    return _dispatch(task, work, unit, params)
+    with threads_if(cfg.threads):  # float32 reductions depend on the thread count: a unit is the same everywhere
+        return _dispatch(task, work, unit, params)
 
 
 def _dispatch(task: Task, work, unit: str, params: dict):
@@ -362,7 +436,7 @@ def _zero_shot(task: Task) -> dict:
 
 
 def zero_shot_spec(task: Task) -> UnitSpec:
-    return _spec(task, "zero-shot", task.inputs(unit="zeroshot"), "zero-shot")
+    return _spec(task, "zero-shot", task.inputs(unit="zeroshot"), "zero-shot", _zero_shot_cost(task))
 
 
 def finetune_spec(task: Task, method: str, seed: int, k0_inline: bool) -> UnitSpec:
@@ -385,8 +459,8 @@ def finetune_spec(task: Task, method: str, seed: int, k0_inline: bool) -> UnitSp
                                    "ntk": _ntk_key(ntk_options(task))}
     if cfg.precision != "fp32" and torch.device(task.device).type == "cuda":
         settings["precision"] = cfg.precision
-    return _spec(task, "finetune", task.inputs(**settings), f"{_FT_NAMES[method]} seed {seed}", method=method,
-                 seed=seed, k0_inline=k0_inline)
+    return _spec(task, "finetune", task.inputs(**settings), f"{_FT_NAMES[method]} seed {seed}",
+                 _finetune_cost(task, method, seed, k0_inline), method=method, seed=seed, k0_inline=k0_inline)
 
 
 def _finetune(task: Task, method: str, seed: int, k0_inline: bool) -> dict:
@@ -493,7 +567,7 @@ def kernels_spec(task: Task, use_prompt: bool, names: tuple[str, ...]) -> UnitSp
                          kernels=list(names), head_seed=None if use_prompt else task.cfg.head_seed,
                          ntk=_ntk_key(ntk_options(task, union=True)))
     return _spec(task, "kernels", inputs, f"{'prompt' if use_prompt else 'no-prompt'} kernels {'+'.join(names)}",
-                 use_prompt=use_prompt, names=list(names))
+                 _kernel_cost(task, task.union_set(use_prompt), use_prompt), use_prompt=use_prompt, names=list(names))
 
 
 def _kernels(task: Task, work, use_prompt: bool, names: tuple[str, ...]) -> dict:
@@ -533,7 +607,10 @@ def diag_kernel0_spec(task: Task, seed: int, positions: list[int]) -> UnitSpec:
     """The diagnostics' SGD kernel at theta_0 on the training positions of ``seed``."""
     inputs = task.inputs(unit=f"diag-kernel0-{seed}", seed=seed, positions=list(positions),
                          ntk=_ntk_key(ntk_options(task)))
-    return _spec(task, "diag-kernel0", inputs, f"kernel at theta_0, seed {seed}", seed=seed, positions=list(positions))
+    split = task.splits[seed]
+    sub = task.encoded(f"diag-train-{seed}-{len(positions)}", [split.train[i] for i in positions], True)
+    return _spec(task, "diag-kernel0", inputs, f"kernel at theta_0, seed {seed}", _kernel_cost(task, sub, True),
+                 seed=seed, positions=list(positions))
 
 
 def _diag_kernel0(task: Task, work, seed: int, positions: list[int]) -> dict:
@@ -586,11 +663,9 @@ def plan(cfg: MalladiConfig, ctx: RunContext) -> list[UnitSpec]:
 
 
 def _task(cfg: MalladiConfig, ctx: RunContext) -> Task:
-    key = (config_hash(cfg), ctx.device)
-    if key not in _TASKS:
-        _TASKS[key] = load_task(cfg, device=ctx.device, cache=ctx.cache, progress=ctx.progress,
-                                out_dir=ctx.out_dir)
-    return _TASKS[key]
+    return loaded_once(("malladi", config_hash(cfg), ctx.device, str(ctx.cache.root)),
+                       lambda: load_task(cfg, device=ctx.device, cache=ctx.cache, progress=ctx.progress,
+                                         out_dir=ctx.out_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -636,11 +711,9 @@ def _kernel_rows(task: Task, ctx: RunContext, methods: set[str]) -> dict[str, di
 
 def run(cfg: MalladiConfig, ctx: RunContext) -> dict:
     """Every unit (read from the cache when done before), then the tables and the summary."""
-    import contextlib
+    from ftsim.core.threads import threads_if
 
-    from ftsim.core.threads import limit_threads
-
-    with limit_threads(cfg.threads) if cfg.threads > 0 else contextlib.nullcontext():
+    with threads_if(cfg.threads):
         return _run(cfg, ctx)
 
 

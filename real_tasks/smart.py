@@ -14,6 +14,11 @@ optionally FT + R_s in the public codes' normalised form -- one cached unit fine
 * distance to the pretrained weights ||theta - theta_0|| / ||theta_0||,
 * seconds per optimizer step (median over steps without a validation pass), for the cost against FT.
 
+Every unit is data (:func:`plan`: one ``smart.zero-shot`` unit per task, one ``smart.finetune`` unit per task, seed
+and method, computed by :func:`compute_unit` from the config alone), so an executor can compute them in worker
+processes before :func:`run` gathers them from the unit cache. A worker loads each task's data and model once; a
+real model is shared by the tasks and restored to its checkpoint's weights before every unit.
+
 The classifier is evaluated at given embeddings through the LM's ``inputs_embeds`` (:func:`prompt_forward_embeds`,
 checked against ``PromptClassifier.forward`` in the tests); the perturbation sizes are relative to the RMS entry of
 the LM's input-embedding table (SmolLM2-135M: 0.136; SMART's eps = 1e-5 is absolute for BERT).
@@ -35,17 +40,20 @@ from typing import Literal, Optional
 import numpy as np
 
 from ftsim.core.errors import InputError
-from ftsim.core.experiment import Experiment, RunContext
+from ftsim.core.config import config_hash
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec, loaded_once
 from ftsim.core.io import atomic_write_text, stable_hash, write_json, write_table
 from ftsim.core.tables import aggregate, markdown_table, mean_std
 
 __all__ = ["SmartConfig", "PRESETS", "EXPERIMENT", "ALL_METHODS", "METHOD_LABELS", "prompt_embed",
-           "prompt_forward_embeds", "prompt_mask", "method_value", "run", "UNIT_VERSIONS"]
+           "prompt_forward_embeds", "prompt_mask", "method_value", "run", "plan", "compute_unit", "UNIT_VERSIONS"]
 
 ALL_METHODS = ("ft", "ft-rs", "ft-rs-vbpp", "ft-rs-mbpp", "ft-rs-public")
 METHOD_LABELS = {"zero-shot": "zero-shot", "ft": "FT", "ft-rs": "FT + R_s", "ft-rs-vbpp": "FT + R_s + VBPP",
                  "ft-rs-mbpp": "FT + R_s + MBPP", "ft-rs-public": "FT + R_s (public normalisation)"}
-UNIT_VERSIONS = {"finetune": 1, "zero-shot": 1}
+# 2: each task of a multi-task run starts from the weights it loaded (1 could start a later task from an earlier
+# task's fine-tuned weights, under the same key)
+UNIT_VERSIONS = {"finetune": 2, "zero-shot": 2}
 
 
 def _num(x) -> float | None:
@@ -212,6 +220,47 @@ def method_value(cfg: SmartConfig, method: str, rms: float):
 # A loaded task
 # ---------------------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A model as loaded, with what fine-tuning overwrites kept aside.
+
+    Attributes:
+        lm: the :class:`real_tasks.models.LoadedLM` (its weights change in place while a unit fine-tunes it).
+        theta0: CPU copy of its parameters at load time, restored before every unit.
+        rms: RMS entry of its input-embedding table at theta_0 (the scale of every perturbation size).
+    """
+
+    lm: object
+    theta0: dict
+    rms: float
+
+
+def _load_pretrained(model: str, device: str, cache, vocab: list[str] | None) -> Pretrained:
+    from real_tasks.models import load_model
+
+    lm = load_model(model, device=device, cache=cache, vocab=vocab)
+    theta0 = {k: v.detach().to("cpu", copy=True) for k, v in lm.model.named_parameters()}
+    rms = float(lm.model.get_input_embeddings().weight.detach().double().pow(2).mean().sqrt())
+    return Pretrained(lm, theta0, rms)
+
+
+def pretrained(cfg: SmartConfig, splits: dict, device: str, cache) -> Pretrained:
+    """The model of ``cfg`` at theta_0, loaded once per process and device.
+
+    A real model is shared by every task (and its theta_0 is the checkpoint's, whatever a unit of another task
+    fine-tuned before); a tiny random one is built for a task's vocabulary and keyed by it.
+
+    Args:
+        cfg: the run's config (``model``).
+        splits: data seed -> k-shot split of the task (the tiny models' vocabulary).
+        device: torch device name.
+        cache: unit cache where a GGUF model's de-quantized copy is kept.
+    """
+    vocab = _vocab(splits) if cfg.model.startswith("tiny-") else None
+    key = ("smart.lm", cfg.model, device, None if vocab is None else stable_hash(vocab))
+    return loaded_once(key, lambda: _load_pretrained(cfg.model, device, cache, vocab))
+
+
 @dataclasses.dataclass
 class Task:
     """Data, k-shot splits, the model at theta_0, prompt, label words, the embedding scale and the unit keys."""
@@ -227,6 +276,7 @@ class Task:
     theta0: dict
     rms: float
     key_common: dict
+    cache_root: str = ""
     encoded_sets: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -261,32 +311,41 @@ def _vocab(splits) -> list[str]:
     return " ".join(texts(pool)).split() + words_of(PROMPTS.values())
 
 
-def load_task(cfg: SmartConfig, ctx: RunContext, name: str, lm_cache: dict) -> Task:
-    """Data and splits of ``name``; the model (loaded once per run for real models, per task for tiny ones, whose
-    vocabulary is the task's)."""
+def load_task(cfg: SmartConfig, name: str, *, device: str, cache, progress: bool = False) -> Task:
+    """Data and k-shot splits of the task ``name``, the model at theta_0 (:func:`pretrained`), prompt, label words
+    and the inputs every unit key of the task shares.
+
+    Raises:
+        InputError: the model has no LM head (SMART here fine-tunes the prompt classifier).
+    """
     from real_tasks.data import kshot_split, load_task as load_data
-    from real_tasks.models import load_model
     from real_tasks.prompts import get_prompt, label_token_ids
 
     data = load_data(name, cfg.data_dir)
     splits = {s: kshot_split(data, cfg.k, s, max_test=cfg.test_size) for s in cfg.seeds}
-    key = (cfg.model, data.spec.name) if cfg.model.startswith("tiny-") else cfg.model
-    if key not in lm_cache:
-        lm_cache.clear()  # one model in memory at a time
-        lm_cache[key] = load_model(cfg.model, device=ctx.device, cache=ctx.cache,
-                                   vocab=_vocab(splits) if cfg.model.startswith("tiny-") else None)
-    lm = lm_cache[key]
-    if not lm.has_lm_head:
+    pre = pretrained(cfg, splits, device, cache)
+    if not pre.lm.has_lm_head:
         raise InputError(f"{cfg.model} has no LM head: SMART here fine-tunes the prompt classifier", field="model")
     prompt = get_prompt(data.spec.name)
-    label_tokens = label_token_ids(lm.tokenizer, prompt, lm.kind)
-    theta0 = {k: v.detach().to("cpu", copy=True) for k, v in lm.model.named_parameters()}
-    rms = float(lm.model.get_input_embeddings().weight.detach().double().pow(2).mean().sqrt())
+    label_tokens = label_token_ids(pre.lm.tokenizer, prompt, pre.lm.kind)
     test_index = list(next(iter(splits.values())).test_index)
-    key_common = {"model": lm.fingerprint, "task": data.spec.name, "k": cfg.k, "data_files": data.files,
+    key_common = {"model": pre.lm.fingerprint, "task": data.spec.name, "k": cfg.k, "data_files": data.files,
                   "test_index": stable_hash(test_index), "prompt": dataclasses.asdict(prompt)}
-    return Task(cfg, ctx.device, ctx.progress, data.spec.name, splits, lm, prompt, label_tokens, theta0, rms,
-                key_common)
+    return Task(cfg, device, progress, data.spec.name, splits, pre.lm, prompt, label_tokens, pre.theta0, pre.rms,
+                key_common, cache_root=str(cache.root) if cache is not None else "")
+
+
+def _task_key(cfg: SmartConfig, name: str, device: str, cache_root: str) -> tuple:
+    from real_tasks.data import task_spec
+
+    return ("smart", config_hash(cfg), device, cache_root, task_spec(name).name)
+
+
+def _task(cfg: SmartConfig, ctx: RunContext, name: str) -> Task:
+    """The task ``name`` of this run, loaded once per process: the plan, the run and the units computed in this
+    process share it."""
+    return loaded_once(_task_key(cfg, name, ctx.device, str(ctx.cache.root)),
+                       lambda: load_task(cfg, name, device=ctx.device, cache=ctx.cache, progress=ctx.progress))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,6 +368,72 @@ def _train_settings(cfg: SmartConfig, method: str) -> dict:
     if method in ("ft-rs-vbpp", "ft-rs-mbpp"):
         d.update(mu=cfg.mu, prox_every=cfg.prox_every, beta=cfg.beta if method == "ft-rs-mbpp" else 0.0)
     return d
+
+
+def _spec(task: Task, kind: str, inputs: dict, label: str, **params) -> UnitSpec:
+    """A unit of this run as data: its key, and :func:`compute_unit` with the config, the task and the unit's
+    parameters."""
+    return UnitSpec(f"smart.{kind}", UNIT_VERSIONS[kind], inputs, "real_tasks.smart:compute_unit",
+                    {"config": dataclasses.asdict(task.cfg), "device": task.device, "cache_root": task.cache_root,
+                     "task": task.name, "unit": kind, **params}, label=f"{task.name} {label}")
+
+
+def zero_shot_spec(task: Task) -> UnitSpec:
+    """Accuracy, robust accuracy and sensitivity of the prompt classifier at theta_0."""
+    return _spec(task, "zero-shot", task.inputs(unit="zero-shot", **_eval_settings(task.cfg)), "zero-shot")
+
+
+def finetune_spec(task: Task, method: str, seed: int) -> UnitSpec:
+    """Fine-tune with ``method`` on the k-shot split of data seed ``seed``, then every metric of the module
+    docstring."""
+    import torch
+
+    inputs = task.inputs(unit=f"{method}-s{seed}", seed=seed, **_train_settings(task.cfg, method),
+                         **_eval_settings(task.cfg), device=torch.device(task.device).type)
+    return _spec(task, "finetune", inputs, f"{METHOD_LABELS[method]} seed {seed}", method=method, seed=seed)
+
+
+def task_specs(task: Task) -> list[UnitSpec]:
+    """The units of one task in the order of its result rows: zero-shot, then every method on every seed."""
+    cfg = task.cfg
+    return [zero_shot_spec(task), *(finetune_spec(task, m, s) for s in cfg.seeds for m in cfg.methods)]
+
+
+def plan(cfg: SmartConfig, ctx: RunContext) -> list[UnitSpec]:
+    """Every unit of the run as data, task by task (loads each task's data and model once, for the keys)."""
+    return [spec for name in cfg.tasks for spec in task_specs(_task(cfg, ctx, name))]
+
+
+def compute_unit(work, config: dict, device: str, cache_root: str, task: str, unit: str, **params) -> dict:
+    """Compute one unit (in this process or an executor's worker) from the config alone.
+
+    Args:
+        work: the unit's work directory (unused: results are JSON).
+        config: ``dataclasses.asdict`` of the run's :class:`SmartConfig`.
+        device: torch device name.
+        cache_root: the unit cache (a GGUF model's de-quantized copy is kept there).
+        task: task name; its data and model are loaded once per process.
+        unit: ``zero-shot`` or ``finetune``.
+        **params: the unit's parameters (``method``, ``seed`` of a fine-tuning unit).
+    """
+    from ftsim.core.cache import UnitCache
+    from ftsim.core.config import config_from_dict
+
+    cfg = config_from_dict(SmartConfig, config)
+    loaded = loaded_once(_task_key(cfg, task, device, cache_root),
+                         lambda: load_task(cfg, task, device=device, cache=UnitCache(cache_root)))
+    from ftsim.core.threads import threads_if
+
+    with threads_if(cfg.threads):  # float32 reductions depend on the thread count: a unit is the same everywhere
+        return _dispatch(loaded, unit, params)
+
+
+def _dispatch(task: Task, unit: str, params: dict) -> dict:
+    if unit == "zero-shot":
+        return _zero_shot(task)
+    if unit == "finetune":
+        return _finetune(task, params["method"], params["seed"])
+    raise ValueError(f"unknown smart unit {unit!r}")
 
 
 def _robustness(task: Task, module, test, seed: int) -> dict:
@@ -342,34 +467,22 @@ def _robustness(task: Task, module, test, seed: int) -> dict:
             "robust_n": n}
 
 
-def zero_shot_unit(task: Task, ctx: RunContext) -> dict:
+def _zero_shot(task: Task) -> dict:
     from theory.finetune import evaluate
     from theory.metrics import accuracy
 
-    def compute(work):
-        t0 = time.perf_counter()
-        test = task.encoded("test", task.test_examples)
-        module = task.classifier()
-        scores = evaluate(module, test, task.device)
-        out = {"accuracy": accuracy(scores, test.labels), **_robustness(task, module, test, seed=0)}
-        return {"metrics": out, "seconds": time.perf_counter() - t0}
-
-    return ctx.unit("smart.zero-shot", UNIT_VERSIONS["zero-shot"], task.inputs(unit="zero-shot",
-                                                                                **_eval_settings(task.cfg)),
-                    compute).result
-
-
-def finetune_unit(task: Task, ctx: RunContext, method: str, seed: int) -> dict:
-    inputs = task.inputs(unit=f"{method}-s{seed}", seed=seed, **_train_settings(task.cfg, method),
-                         **_eval_settings(task.cfg), device=__import__("torch").device(task.device).type)
-    return ctx.unit("smart.finetune", UNIT_VERSIONS["finetune"], inputs,
-                    lambda work: _finetune(task, method, seed)).result
+    t0 = time.perf_counter()
+    test = task.encoded("test", task.test_examples)
+    module = task.classifier()
+    scores = evaluate(module, test, task.device)
+    out = {"accuracy": accuracy(scores, test.labels), **_robustness(task, module, test, seed=0)}
+    return {"metrics": out, "seconds": time.perf_counter() - t0}
 
 
 def _finetune(task: Task, method: str, seed: int) -> dict:
     import torch
 
-    from theory.finetune import evaluate, finetune, snapshot
+    from theory.finetune import evaluate, finetune
     from theory.metrics import accuracy
 
     cfg = task.cfg
@@ -391,10 +504,7 @@ def _finetune(task: Task, method: str, seed: int) -> dict:
     metrics = {"accuracy": accuracy(scores, test.labels), "dev_acc": res.best_dev_acc,
                "best_step": res.best_step, "final_train_loss": res.final_train_loss,
                "seconds_per_step": float(np.median(steps)) if steps else float("nan")}
-    theta = snapshot(module)
-    num = sum(float(((theta["lm." + k].double() - v.double()) ** 2).sum()) for k, v in task.theta0.items())
-    den = sum(float((v.double() ** 2).sum()) for v in task.theta0.values())
-    metrics["dist_init"] = math.sqrt(num / den)
+    metrics["dist_init"] = _dist_init(module, task.theta0)
     metrics.update(_robustness(task, module, test, seed))
     rec = {"method": method, "seed": seed, "metrics": metrics, "ft_seconds": ft_seconds,
            "eval_seconds": time.perf_counter() - t1, "history": [h for h in res.history if "dev_acc" in h]}
@@ -404,56 +514,42 @@ def _finetune(task: Task, method: str, seed: int) -> dict:
     return rec
 
 
+def _dist_init(module, theta0: dict) -> float:
+    """||theta - theta_0|| / ||theta_0|| over every LM parameter, in float64."""
+    from theory.finetune import snapshot
+
+    theta = snapshot(module)
+    num = sum(float(((theta["lm." + k].double() - v.double()) ** 2).sum()) for k, v in theta0.items())
+    den = sum(float((v.double() ** 2).sum()) for v in theta0.values())
+    return math.sqrt(num / den)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Run and tables
 # ---------------------------------------------------------------------------------------------------------------
 
 def run(cfg: SmartConfig, ctx: RunContext) -> dict:
-    import contextlib
+    from ftsim.core.threads import threads_if
 
-    from ftsim.core.threads import limit_threads
-
-    with limit_threads(cfg.threads) if cfg.threads > 0 else contextlib.nullcontext():
+    with threads_if(cfg.threads):
         return _run(cfg, ctx)
 
 
 def _run(cfg: SmartConfig, ctx: RunContext) -> dict:
-    from theory.smart import compare_to_baseline
-
     t_all = time.perf_counter()
-    rows, lm_cache, seconds, info = [], {}, {"finetune": 0.0, "eval": 0.0, "zero_shot": 0.0}, {}
-    splits = []
+    rows, seconds, info, splits = [], {"finetune": 0.0, "eval": 0.0, "zero_shot": 0.0}, {}, []
     for name in cfg.tasks:
-        task = load_task(cfg, ctx, name, lm_cache)
+        task = _task(cfg, ctx, name)
         splits += [s.record() for s in task.splits.values()]
-        base = {"task": task.name, "model": cfg.model, "k": cfg.k}
         info[task.name] = {"embedding_rms": task.rms, "eps": cfg.eps_rel * task.rms,
                            "eval_eps": cfg.eval_eps_rel * task.rms, "test_size": len(task.test_examples)}
-        z = zero_shot_unit(task, ctx)
-        seconds["zero_shot"] += z["seconds"]
-        for metric, value in z["metrics"].items():
-            if metric != "robust_n":
-                rows.append({**base, "seed": None, "method": "zero-shot", "metric": metric, "value": _num(value)})
-        for seed in cfg.seeds:
-            for method in cfg.methods:
-                rec = finetune_unit(task, ctx, method, seed)
-                seconds["finetune"] += rec["ft_seconds"]
-                seconds["eval"] += rec["eval_seconds"]
-                for metric, value in rec["metrics"].items():
-                    if metric != "robust_n":
-                        rows.append({**base, "seed": seed, "method": METHOD_LABELS[method], "metric": metric,
-                                     "value": _num(value)})
+        for spec in task_specs(task):
+            result = ctx.unit_of(spec).result
+            rows += _unit_rows(task, spec, result)
+            for k, v in _unit_seconds(spec, result).items():
+                seconds[k] += v
     write_json(ctx.out_dir / "splits.json", {"splits": splits})
-    write_table(ctx.out_dir / "results", rows)
-    comp = aggregate(rows, ("task", "model", "k", "method", "metric"))
-    write_table(ctx.out_dir / "comparison", comp)
-    tuned = [r for r in rows if r["method"] != "zero-shot"]
-    diffs = compare_to_baseline(tuned, "FT", group=("task",))
-    write_table(ctx.out_dir / "differences", diffs)
-    cost = _cost_rows(tuned)
-    write_table(ctx.out_dir / "cost", cost)
-    atomic_write_text(ctx.out_dir / "comparison.md", comparison_markdown(comp, cost))
-    atomic_write_text(ctx.out_dir / "claims.md", claims_markdown(diffs))
+    comp, diffs, cost = _write_tables(ctx.out_dir, rows)
     acc = {(r["task"], r["method"]): r for r in comp if r["metric"] == "accuracy"}
     head = "; ".join(f"{t}: " + ", ".join(f"{m} {mean_std(r, 100, 1)}" for (tt, m), r in acc.items() if tt == t)
                      for t in dict.fromkeys(t for t, _ in acc))
@@ -463,6 +559,39 @@ def _run(cfg: SmartConfig, ctx: RunContext) -> dict:
             "this_invocation_seconds": round(time.perf_counter() - t_all, 1),
             "verdicts": {f"{d['task']} {d['method']}: {d['metric']}": d["verdict"] for d in diffs},
             "cost_vs_ft": {f"{r['task']} {r['method']}": r["mean"] for r in cost}}
+
+
+def _write_tables(out_dir, rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Write the results, comparison, differences and cost tables and their markdown; return the last three."""
+    from theory.smart import compare_to_baseline
+
+    write_table(out_dir / "results", rows)
+    comp = aggregate(rows, ("task", "model", "k", "method", "metric"))
+    write_table(out_dir / "comparison", comp)
+    tuned = [r for r in rows if r["method"] != "zero-shot"]
+    diffs = compare_to_baseline(tuned, "FT", group=("task",))
+    write_table(out_dir / "differences", diffs)
+    cost = _cost_rows(tuned)
+    write_table(out_dir / "cost", cost)
+    atomic_write_text(out_dir / "comparison.md", comparison_markdown(comp, cost))
+    atomic_write_text(out_dir / "claims.md", claims_markdown(diffs))
+    return comp, diffs, cost
+
+
+def _unit_rows(task: Task, spec: UnitSpec, result: dict) -> list[dict]:
+    """The tidy rows (task, model, k, seed, method, metric, value) of one unit's metrics."""
+    zero = spec.args["unit"] == "zero-shot"
+    base = {"task": task.name, "model": task.cfg.model, "k": task.cfg.k, "seed": None if zero else spec.args["seed"],
+            "method": "zero-shot" if zero else METHOD_LABELS[spec.args["method"]]}
+    return [{**base, "metric": metric, "value": _num(value)} for metric, value in result["metrics"].items()
+            if metric != "robust_n"]
+
+
+def _unit_seconds(spec: UnitSpec, result: dict) -> dict[str, float]:
+    """Seconds the unit took when it was computed, by phase."""
+    if spec.args["unit"] == "zero-shot":
+        return {"zero_shot": result["seconds"]}
+    return {"finetune": result["ft_seconds"], "eval": result["eval_seconds"]}
 
 
 def _cost_rows(rows: list[dict]) -> list[dict]:
@@ -516,6 +645,7 @@ EXPERIMENT = Experiment(
     run=run,
     figures=("figures.smart:redraw",),
     verifier="smart",
+    plan=plan,
     reproduce=(),
     help=("SMART (Jiang et al. 2020) on k-shot real tasks: prompt-based FT vs FT + R_s (+ VBPP / MBPP): accuracy, "
           "seed spread, robust accuracy under input-embedding perturbations, sensitivity, distance to init, cost.\n\n"

@@ -45,13 +45,14 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from ftsim.core.config import config_hash
 from ftsim.core.errors import InputError
-from ftsim.core.experiment import Experiment, RunContext
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec, loaded_once
 from ftsim.core.io import atomic_write_text, stable_hash, write_json, write_table
 from ftsim.core.tables import aggregate, markdown_table, mean_std, summarize
 
 __all__ = ["SparseConfig", "PRESETS", "EXPERIMENT", "FAMILIES", "ALL_METHODS", "NAMES", "PAPER_AVERAGE", "run",
-           "family_method", "perturbed_train", "UNIT_VERSIONS"]
+           "plan", "compute_unit", "family_method", "perturbed_train", "UNIT_VERSIONS"]
 
 FAMILIES = ("full", "random", "mixout", "bitfit", "magnitude", "sam", "sam-exact", "diffpruning", "childpruning",
             "adapter", "lora")
@@ -185,7 +186,13 @@ def _timer():
 
 @dataclasses.dataclass
 class World:
-    """Data, k-shot splits, the model at theta_0, prompt and label words, and the inputs every unit key shares."""
+    """Data, k-shot splits, the model at theta_0, prompt and label words, and the inputs every unit key shares.
+
+    Attributes:
+        cache_root: the unit cache's folder, passed to the units' workers (they load their own World).
+        scores: the mask scores of the last training set a fine-tuning unit used, ``((seed, perturbation),
+            _Scores)``: units of one training set share them; the next training set replaces them.
+    """
 
     cfg: SparseConfig
     device: str
@@ -197,7 +204,9 @@ class World:
     label_tokens: object
     theta0: dict
     key_common: dict
+    cache_root: str = ""
     encoded_sets: dict = dataclasses.field(default_factory=dict)
+    scores: Optional[tuple] = None
 
     def classifier(self):
         """The prompt-based classifier at theta_0 (parameters restored; the LM object is shared)."""
@@ -223,20 +232,35 @@ class World:
     def inputs(self, **settings) -> dict:
         return {**self.key_common, **settings}
 
+    def train_dev(self, seed: int, perturbation: int):
+        """The encoded training set of ``seed`` (perturbation ``perturbation``: see :func:`perturbed_train`) and its
+        validation set."""
+        split = self.splits[seed]
+        keep = perturbed_train(len(split.train), self.cfg.perturb_fraction, seed, perturbation)
+        train = self.encoded(f"train-{seed}-{perturbation}", [split.train[i] for i in keep])
+        return train, self.encoded(f"dev-{seed}", split.dev)
 
-def load_world(cfg: SparseConfig, ctx: RunContext) -> World:
+    def scores_of(self, seed: int, perturbation: int, train) -> "_Scores":
+        """The mask scores of one training set: kept while units of that set follow each other, then replaced
+        (one set's scores are several copies of the model)."""
+        if self.scores is None or self.scores[0] != (seed, perturbation):
+            self.scores = ((seed, perturbation), _Scores(self, train, seed))
+        return self.scores[1]
+
+
+def load_world(cfg: SparseConfig, *, device: str, cache, progress: bool = False) -> World:
+    """Data, k-shot splits and the model at theta_0 (a tiny model's vocabulary is drawn from the task's texts)."""
     from real_tasks.data import kshot_split, load_task, texts
     from real_tasks.models import load_model
     from real_tasks.prompts import PROMPTS, get_prompt, label_token_ids, words_of
 
     data = load_task(cfg.task, cfg.data_dir)
     splits = {s: kshot_split(data, cfg.k, s, max_test=cfg.test_size) for s in cfg.seeds}
-    write_json(ctx.out_dir / "splits.json", {"data": data.describe(), "splits": [s.record() for s in splits.values()]})
     vocab = None
     if cfg.model.startswith("tiny-"):
         pool = [e for s in splits.values() for e in (*s.train, *s.dev, *s.test)]
         vocab = " ".join(texts(pool)).split() + words_of(PROMPTS.values())
-    lm = load_model(cfg.model, device=ctx.device, cache=ctx.cache, vocab=vocab)
+    lm = load_model(cfg.model, device=device, cache=cache, vocab=vocab)
     if not lm.has_lm_head:
         raise InputError(f"{cfg.model} has no LM head: the prompt-based classifier needs one", field="model")
     prompt = get_prompt(data.spec.name)
@@ -245,8 +269,15 @@ def load_world(cfg: SparseConfig, ctx: RunContext) -> World:
     test_index = list(next(iter(splits.values())).test_index)
     key_common = {"model": lm.fingerprint, "task": data.spec.name, "k": cfg.k, "data_files": data.files,
                   "test_index": stable_hash(test_index), "label_mode": cfg.label_mode,
-                  "prompt": dataclasses.asdict(prompt), "device": ctx.device.split(":")[0]}
-    return World(cfg, ctx.device, ctx.progress, data, splits, lm, prompt, label_tokens, theta0, key_common)
+                  "prompt": dataclasses.asdict(prompt), "device": device.split(":")[0]}
+    return World(cfg, device, progress, data, splits, lm, prompt, label_tokens, theta0, key_common,
+                 cache_root=str(cache.root) if cache is not None else "")
+
+
+def _world(cfg: SparseConfig, ctx: RunContext) -> World:
+    """The World of this process for ``cfg`` (loaded once; ``plan``, ``run`` and in-process units share it)."""
+    return loaded_once(("sparse", config_hash(cfg), ctx.device, str(ctx.cache.root)),
+                       lambda: load_world(cfg, device=ctx.device, cache=ctx.cache, progress=ctx.progress))
 
 
 def perturbed_train(n: int, fraction: float, seed: int, index: int) -> list[int]:
@@ -444,13 +475,22 @@ def _ft_settings(cfg: SparseConfig, family: str, p: float) -> dict:
     return s
 
 
-def finetune_unit(world: World, ctx: RunContext, family: str, p: float, seed: int, perturbation: int,
-                  scores: _Scores, train, dev) -> dict:
+def finetune_spec(world: World, family: str, p: float, seed: int, perturbation: int) -> UnitSpec:
+    """One family at one p on one training set of ``seed`` (``perturbation`` 0: the whole set), learning rates
+    chosen on the validation set."""
     inputs = world.inputs(unit="finetune", seed=seed, perturbation=perturbation,
                           perturb_fraction=world.cfg.perturb_fraction if perturbation else None,
                           **_ft_settings(world.cfg, family, p))
-    return ctx.unit("sparse.finetune", UNIT_VERSIONS["finetune"], inputs,
-                    lambda work: _run_family(world, family, p, seed, train, dev, scores)).result
+    label = f"{NAMES[family]}" + (f" p={p:g}" if family in SWEPT else "") + f" seed {seed}" + (
+        f" perturbed set {perturbation}" if perturbation else "")
+    return _spec(world, "finetune", inputs, label, family=family, p=p, seed=seed, perturbation=perturbation)
+
+
+def _finetune(world: World, family: str, p: float, seed: int, perturbation: int) -> dict:
+    """The fine-tuning unit: its training set rebuilt from the config, mask scores shared with the units of the
+    same set that this process computes next."""
+    train, dev = world.train_dev(seed, perturbation)
+    return _run_family(world, family, p, seed, train, dev, world.scores_of(seed, perturbation, train))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,72 +510,134 @@ def _ntk_options(cfg: SparseConfig) -> dict:
             "dtype": torch.float64, "device": None}
 
 
-def klora_unit(world: World, ctx: RunContext, seed: int) -> dict:
+def klora_spec(world: World, seed: int) -> UnitSpec:
     """K-LoRA for one seed: the SGD and A-SignGD kernels of LoRA's parameters at the initialisation ``finetune``
     draws for this seed, over the seed's training set and the test set; kernel machines as in Malladi et al."""
     cfg = world.cfg
     inputs = world.inputs(unit="klora", seed=seed, lora=[cfg.lora_rank, cfg.lora_alpha])
-
-    def compute(work):
-        import torch
-
-        from real_tasks.entk import solve_seed
-        from theory import sparse as sp
-        from theory.metrics import accuracy
-        from theory.ntk import empirical_ntks
-
-        t = _timer()
-        split = world.splits[seed]
-        union = world.encoded(f"klora-{seed}", list(split.train) + list(split.test))
-        lora = sp.inject_lora(world.classifier(), cfg.lora_rank, cfg.lora_alpha, _architecture(world.lm)["lora"],
-                              seed, scope="lm")
-        params = {k: v.detach() for k, v in lora.named_parameters()}
-        names = [n for n in params if "lora_" in n]
-        res = empirical_ntks(_lora_f(lora), params, union.batch, kernels=("sgd", "asigngd"), params_subset=names,
-                             **_ntk_options(cfg))
-        n_tr = len(split.train)
-        c = res["sgd"].kernel.shape[1]
-        N = len(union)
-        outputs = res["sgd"].outputs1.double().reshape(N, c).numpy()
-        labels = union.labels.numpy()
-        out = solve_seed(res["sgd"].kernel.reshape(N * c, N * c).numpy(),
-                         res["asigngd"].kernel.reshape(N * c, N * c).numpy(), outputs, labels,
-                         list(range(n_tr)), list(range(n_tr, N)))
-        test_labels = labels[n_tr:]
-        del lora
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        return {"seed": seed, "seconds": t(), "zero_shot": accuracy(outputs[n_tr:], test_labels),
-                "accuracy": {KLORA_NAMES[k]: accuracy(v, test_labels) for k, v in out.items()},
-                "plan": res["sgd"].plan.describe()}
-
-    return ctx.unit("sparse.klora", UNIT_VERSIONS["klora"], inputs, compute).result
+    return _spec(world, "klora", inputs, f"K-LoRA seed {seed}", seed=seed)
 
 
-def kernel_rank_unit(world: World, ctx: RunContext) -> dict:
-    """Kernel distance vs LoRA rank on a class-balanced part of the first seed's training set."""
+def _klora(world: World, seed: int) -> dict:
+    """The K-LoRA unit (see :func:`klora_spec`): test accuracy of each kernel machine and of zero-shot prompting."""
+    import torch
+
+    from real_tasks.entk import solve_seed
+    from theory import sparse as sp
+    from theory.metrics import accuracy
+    from theory.ntk import empirical_ntks
+
     cfg = world.cfg
-    seed = cfg.seeds[0]
+    t = _timer()
     split = world.splits[seed]
-    labels = [e.label for e in split.train]
+    union = world.encoded(f"klora-{seed}", list(split.train) + list(split.test))
+    lora = sp.inject_lora(world.classifier(), cfg.lora_rank, cfg.lora_alpha, _architecture(world.lm)["lora"],
+                          seed, scope="lm")
+    params = {k: v.detach() for k, v in lora.named_parameters()}
+    names = [n for n in params if "lora_" in n]
+    res = empirical_ntks(_lora_f(lora), params, union.batch, kernels=("sgd", "asigngd"), params_subset=names,
+                         **_ntk_options(cfg))
+    n_tr = len(split.train)
+    c = res["sgd"].kernel.shape[1]
+    N = len(union)
+    outputs = res["sgd"].outputs1.double().reshape(N, c).numpy()  # (N, C)
+    labels = union.labels.numpy()
+    out = solve_seed(res["sgd"].kernel.reshape(N * c, N * c).numpy(),
+                     res["asigngd"].kernel.reshape(N * c, N * c).numpy(), outputs, labels,
+                     list(range(n_tr)), list(range(n_tr, N)))
+    test_labels = labels[n_tr:]
+    del lora
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"seed": seed, "seconds": t(), "zero_shot": accuracy(outputs[n_tr:], test_labels),
+            "accuracy": {KLORA_NAMES[k]: accuracy(v, test_labels) for k, v in out.items()},
+            "plan": res["sgd"].plan.describe()}
+
+
+def _kernel_positions(cfg: SparseConfig, labels: list[int]) -> list[int]:
+    """The first ``kernel_examples // C`` training positions of each class (at least one each)."""
     per = max(1, cfg.kernel_examples // len(set(labels)))
     pos, seen = [], {}
     for i, y in enumerate(labels):
         if seen.get(y, 0) < per:
             pos.append(i)
             seen[y] = seen.get(y, 0) + 1
+    return pos
+
+
+def kernel_rank_spec(world: World) -> UnitSpec:
+    """Kernel distance vs LoRA rank on a class-balanced part of the first seed's training set."""
+    cfg = world.cfg
+    seed = cfg.seeds[0]
+    pos = _kernel_positions(cfg, [e.label for e in world.splits[seed].train])
     inputs = world.inputs(unit="kernel-rank", seed=seed, positions=pos, ranks=list(cfg.kernel_ranks),
                           lora_seeds=list(cfg.kernel_seeds), alpha=cfg.lora_alpha)
+    return _spec(world, "kernel-rank", inputs, f"kernel distance vs LoRA rank, seed {seed}", seed=seed,
+                 positions=pos)
 
-    def compute(work):
-        from theory import sparse as sp
 
-        t = _timer()
-        sub = world.encoded(f"kernel-rank-{seed}-{len(pos)}", [split.train[i] for i in pos])
-        rows = sp.lora_rank_rows(_lora_f, world.classifier(), sub.batch, cfg.kernel_ranks, cfg.kernel_seeds,
-                                 _architecture(world.lm)["lora"], cfg.lora_alpha, scope="lm", **_ntk_options(cfg))
-        return {"rows": [{**r, "n": len(pos)} for r in rows], "seconds": t()}
+def _kernel_rank(world: World, seed: int, positions: list[int]) -> dict:
+    """The kernel-distance unit (see :func:`kernel_rank_spec`): one row per (rank, LoRA seed)."""
+    from theory import sparse as sp
 
-    return ctx.unit("sparse.kernel-rank", UNIT_VERSIONS["kernel-rank"], inputs, compute).result
+    cfg = world.cfg
+    t = _timer()
+    split = world.splits[seed]
+    sub = world.encoded(f"kernel-rank-{seed}-{len(positions)}", [split.train[i] for i in positions])
+    rows = sp.lora_rank_rows(_lora_f, world.classifier(), sub.batch, cfg.kernel_ranks, cfg.kernel_seeds,
+                             _architecture(world.lm)["lora"], cfg.lora_alpha, scope="lm", **_ntk_options(cfg))
+    return {"rows": [{**r, "n": len(positions)} for r in rows], "seconds": t()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Units as data: what an executor computes in other processes, and what ``run`` gathers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _spec(world: World, kind: str, inputs: dict, label: str, **params) -> UnitSpec:
+    """A unit of this run as data: its key, and :func:`compute_unit` with the config and the unit's parameters."""
+    return UnitSpec(f"sparse.{kind}", UNIT_VERSIONS[kind], inputs, "real_tasks.sparse:compute_unit",
+                    {"config": dataclasses.asdict(world.cfg), "device": world.device,
+                     "cache_root": world.cache_root, "unit": kind, **params}, label=label)
+
+
+def compute_unit(work, config: dict, device: str, cache_root: str, unit: str, **params):
+    """Compute one unit (in this process or an executor's worker) from the config alone.
+
+    The World is loaded once per process; a fine-tuning unit rebuilds its training set and recomputes the mask
+    scores it needs from the config and the seed (same seed, same bytes), shared with the next units of that set.
+
+    Args:
+        work: the unit's work folder (unused: every sparse unit is a JSON record).
+        config: ``dataclasses.asdict`` of the :class:`SparseConfig`.
+        device: where the model runs (the planning process's device).
+        cache_root: the unit cache's folder (a GGUF model's de-quantized copy is read from there).
+        unit: ``finetune``, ``klora`` or ``kernel-rank``.
+        **params: the unit's own parameters (see :func:`finetune_spec`, :func:`klora_spec`,
+            :func:`kernel_rank_spec`).
+
+    Returns:
+        The unit's JSON record.
+    """
+    from ftsim.core.cache import UnitCache
+    from ftsim.core.config import config_from_dict
+    from ftsim.core.threads import threads_if
+
+    cfg = config_from_dict(SparseConfig, config)
+    world = loaded_once(("sparse", config_hash(cfg), device, str(cache_root)),
+                        lambda: load_world(cfg, device=device, cache=UnitCache(cache_root)))
+    # float32 reductions depend on the thread count: fixed, a unit is the same in every process
+    with threads_if(cfg.threads):
+        return _dispatch(world, unit, params)
+
+
+def _dispatch(world: World, unit: str, params: dict):
+    """The unit named ``unit`` with its parameters."""
+    if unit == "finetune":
+        return _finetune(world, **params)
+    if unit == "klora":
+        return _klora(world, params["seed"])
+    if unit == "kernel-rank":
+        return _kernel_rank(world, params["seed"], list(params["positions"]))
+    raise ValueError(f"unknown sparse unit {unit!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -566,12 +668,44 @@ def _perturbed(cfg: SparseConfig, family: str, p: float) -> bool:
     return not (family in SWEPT and cfg.perturb_p is not None and p not in cfg.perturb_p)
 
 
+def _finetune_specs(world: World) -> list[UnitSpec]:
+    """The fine-tuning units in run order: per seed and training set (the whole one, then the perturbed ones),
+    every (family, p) -- so the units of one training set follow each other and share its mask scores."""
+    cfg = world.cfg
+    perturb_seeds = cfg.seeds if cfg.perturb_seeds is None else cfg.perturb_seeds
+    jobs = _jobs(cfg)
+    out = []
+    for seed in cfg.seeds:
+        for r in range(cfg.perturbations + 1 if seed in perturb_seeds else 1):
+            out += [finetune_spec(world, fam, p, seed, r) for fam, p in jobs if not r or _perturbed(cfg, fam, p)]
+    return out
+
+
+def _specs(world: World) -> dict[str, list[UnitSpec]]:
+    """Every unit of the run by kind (``finetune``, ``klora``, ``kernel-rank``): what ``plan`` hands to an
+    executor and what ``run`` gathers, from one list."""
+    cfg = world.cfg
+    return {"finetune": _finetune_specs(world),
+            "klora": [klora_spec(world, s) for s in cfg.seeds] if "k-lora" in cfg.methods else [],
+            "kernel-rank": [kernel_rank_spec(world)] if "kernel-rank" in cfg.methods else []}
+
+
+def plan(cfg: SparseConfig, ctx: RunContext) -> list[UnitSpec]:
+    """Every unit of the run, as data, for an executor to compute before :func:`run` gathers them.
+
+    Loads the data and the model once in this process (the keys name the model's fingerprint); ``run`` reuses them.
+
+    Returns:
+        The fine-tuning units (grouped by training set), then K-LoRA per seed, then the kernel-distance curve.
+    """
+    return [spec for specs in _specs(_world(cfg, ctx)).values() for spec in specs]
+
+
 def run(cfg: SparseConfig, ctx: RunContext) -> dict:
-    import contextlib
+    """Every unit (read from the cache when an executor or an earlier run computed it), then the tables."""
+    from ftsim.core.threads import threads_if
 
-    from ftsim.core.threads import limit_threads
-
-    with limit_threads(cfg.threads) if cfg.threads > 0 else contextlib.nullcontext():
+    with threads_if(cfg.threads):
         return _run(cfg, ctx)
 
 
@@ -581,34 +715,18 @@ def _run(cfg: SparseConfig, ctx: RunContext) -> dict:
     from ftsim.core.progress import bar
 
     t_total = _timer()
-    world = load_world(cfg, ctx)
+    world = _world(cfg, ctx)
+    write_json(ctx.out_dir / "splits.json", {"data": world.data.describe(),
+                                             "splits": [s.record() for s in world.splits.values()]})
     base = {"task": world.data.spec.name, "model": cfg.model, "k": cfg.k}
-    jobs = _jobs(cfg)
     skipped = [f"mixout at p={p:g}: the 1/p rescaling of the kept deltas (p < 0.1)" for p in cfg.p
                if "mixout" in cfg.methods and p < 0.1]
-    records: list[dict] = []
-    perturb_seeds = cfg.seeds if cfg.perturb_seeds is None else cfg.perturb_seeds
-    units = []
-    for seed in cfg.seeds:
-        split = world.splits[seed]
-        for r in range(cfg.perturbations + 1 if seed in perturb_seeds else 1):
-            keep = perturbed_train(len(split.train), cfg.perturb_fraction, seed, r)
-            for fam, p in jobs:
-                if r and not _perturbed(cfg, fam, p):
-                    continue
-                units.append((seed, r, keep, fam, p))
-    scores, current = None, None
-    for seed, r, keep, fam, p in bar(units, desc=f"sparse {world.data.spec.name}", disable=not ctx.progress):
-        split = world.splits[seed]
-        train = world.encoded(f"train-{seed}-{r}", [split.train[i] for i in keep])
-        dev = world.encoded(f"dev-{seed}", split.dev)
-        if current != (seed, r):
-            scores, current = _Scores(world, train, seed), (seed, r)
-        rec = finetune_unit(world, ctx, fam, p, seed, r, scores, train, dev)
-        records.append({**rec, "perturbation": r})
-    scores = None
-    klora = [klora_unit(world, ctx, s) for s in cfg.seeds] if "k-lora" in cfg.methods else []
-    krank = kernel_rank_unit(world, ctx) if "kernel-rank" in cfg.methods else None
+    specs = _specs(world)
+    records = [{**ctx.unit_of(spec).result, "perturbation": spec.args["perturbation"]}
+               for spec in bar(specs["finetune"], desc=f"sparse {world.data.spec.name}", disable=not ctx.progress)]
+    world.scores = None  # the last training set's mask scores: several copies of the model
+    klora = [ctx.unit_of(spec).result for spec in specs["klora"]]
+    krank = next((ctx.unit_of(spec).result for spec in specs["kernel-rank"]), None)
     world.classifier()  # leave the shared model at theta_0
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -720,6 +838,7 @@ EXPERIMENT = Experiment(
     config_cls=SparseConfig,
     presets=PRESETS,
     run=run,
+    plan=plan,
     figures=("figures.sparse:redraw",),
     verifier="sparse",
     reproduce=(),

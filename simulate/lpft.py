@@ -35,17 +35,20 @@ from torch import nn
 
 from ftsim.core.claims import Claim
 from ftsim.core.errors import InputError
-from ftsim.core.experiment import Experiment, RunContext, Verifier
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec, Verifier, loaded_once
 from ftsim.core.io import atomic_write_text, write_table
 from ftsim.core.tables import aggregate, markdown_table, mean_std, paired_difference, summarize
 from ftsim.core.threads import single_threaded
+from simulate.units import checkpoint_spec, exp1_checkpoint, unit_spec
 from theory import lpft as L
 
 __all__ = ["Classifier", "MLPBackbone", "HMMBackbone", "World", "mlp_world", "hmm_world", "run_method",
            "run_world", "head_scale_sweep", "kumar_table", "LPFTSyntheticConfig", "PRESETS", "EXPERIMENT",
            "VERIFIER", "UNIT_VERSIONS"]
 
-UNIT_VERSIONS = {"kumar": 1, "world-seed": 2, "sweep": 2, "curves": 3}
+# world-seed 3: the eNTK parts at the start of a LoRA method use the A that fine-tuning starts from (seeded; it was
+# drawn from the global RNG as the process had left it, so the unit depended on what ran before it)
+UNIT_VERSIONS = {"kumar": 1, "world-seed": 3, "sweep": 2, "curves": 3}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,23 +186,17 @@ def hmm_world(spec: HMMWorldSpec, cache, device: str = "cpu", progress: bool = F
     """The HMM world (see the module docstring): the pretrained checkpoint from the unit cache (trained once, shared
     with the Wei et al. experiment), ID/OOD inputs from the start-tilted HMMs (drawn with ``data_seed``), exact
     labels."""
-    import dataclasses as dc
-
     from simulate.hmm import HMM
     from simulate.sampling import sample
-    from simulate.wei2021.experiments import EXP1_PRESETS
     from simulate.wei2021.oracles import mask_posteriors, wei2021_task
-    from simulate.wei2021.pretrain import HMMSpec, derive_seed, pretrain
+    from simulate.wei2021.pretrain import derive_seed, pretrain
     from theory.finetune import TensorData
 
-    exp1 = EXP1_PRESETS["quick"]
-    if spec.pretrain_steps is not None:
-        exp1 = dc.replace(exp1, pretrain_steps=spec.pretrain_steps)
-    hspec = HMMSpec.make("wei2021", spec.hmm_seed, num_states=spec.num_states, vocab_size=exp1.vocab_size)
-    pre = pretrain(hspec, exp1.seq_len, exp1.pretrain_config(False, hspec.seed), cache, eval_length=exp1.length,
-                   device=device, progress=progress)
-    hmm, mu = wei2021_task(spec.num_states, exp1.vocab_size, spec.hmm_seed, spec.task_seed, exp1.length)
-    T = exp1.length
+    a = exp1_checkpoint(spec.num_states, spec.hmm_seed, pretrain_steps=spec.pretrain_steps)
+    pre = pretrain(a["spec"], a["length"], a["cfg"], cache, eval_length=a["eval_length"], device=device,
+                   progress=progress)
+    T = a["eval_length"]
+    hmm, mu = wei2021_task(spec.num_states, dict(a["spec"].params)["vocab_size"], spec.hmm_seed, spec.task_seed, T)
     splits = {}
     sizes = {"train": (spec.num_train, 0), "val": (spec.num_val, 0), "test": (spec.num_test, 0),
              "ood": (spec.num_test, 1)}
@@ -296,7 +293,9 @@ def run_method(world: World, method, seed: int, phi0: dict, settings: FTSettings
     from theory.finetune import finetune, prepare
 
     start = world.make()
-    prepare(start, method)
+    with torch.random.fork_rng(devices=[]):  # LoRA's A as finetune draws it (seeded): the kernel at FT's start
+        torch.manual_seed(seed)
+        prepare(start, method)
     n_k = min(settings.kernel_examples, len(world.splits["train"]))
     kernel = _kernel_parts(start, world.splits["train"].select(torch.arange(n_k)), "LoRA" in method.name) \
         if n_k else {}
@@ -533,38 +532,88 @@ def _null():
     return contextlib.nullcontext()
 
 
+def _spec(cfg: LPFTSyntheticConfig, ctx: RunContext, kind: str, inputs: dict, fn, label: str,
+          needs: tuple[UnitSpec, ...] = (), **params) -> UnitSpec:
+    return unit_spec(f"lpft.{kind}", UNIT_VERSIONS[kind], inputs, fn, cfg, label=label,
+                     threads=1 if ctx.device == "cpu" else None, needs=needs, **params)
+
+
+def _checkpoint_spec(cfg: LPFTSyntheticConfig, ctx: RunContext) -> UnitSpec:
+    """The pretrained checkpoint of the HMM world (every unit on that world reads it)."""
+    w = cfg.spec()
+    return checkpoint_spec(w.num_states, w.hmm_seed, {"pretrain_steps": w.pretrain_steps}, ctx.device,
+                           str(ctx.cache.root))
+
+
+def _kumar_spec(cfg: LPFTSyntheticConfig, ctx: RunContext) -> UnitSpec:
+    inputs = {"seeds": list(cfg.kumar_seeds), "feature_errors": list(cfg.kumar_feature_errors)}
+    return _spec(cfg, ctx, "kumar", inputs, compute_kumar, "kumar")
+
+
+def _hmm_spec(cfg: LPFTSyntheticConfig, ctx: RunContext, kind: str, seed: int, optimizer: str | None = None
+              ) -> UnitSpec:
+    """A unit on the HMM world of ``seed``: ``world-seed`` (every method), ``curves`` or ``sweep`` (``optimizer``)."""
+    inputs = {**_settings_key(cfg), "device": torch.device(ctx.device).type, "seed": seed}
+    params = {"seed": seed, "device": ctx.device, "cache_root": str(ctx.cache.root)}
+    if optimizer is not None:
+        inputs["sweep_optimizer"] = params["optimizer"] = optimizer
+    fn = {"world-seed": compute_world_seed, "curves": compute_curves, "sweep": compute_sweep}[kind]
+    return _spec(cfg, ctx, kind, inputs, fn, f"{kind} seed={seed}" + (f" {optimizer}" if optimizer else ""),
+                 needs=(_checkpoint_spec(cfg, ctx),), **params)
+
+
+def plan(cfg: LPFTSyntheticConfig, ctx: RunContext) -> list[UnitSpec]:
+    """Every unit of the run as data: the pretrained checkpoint of the HMM world (first: the others fetch it from the
+    cache), the methods, LP curves and T3 sweeps on it, Kumar's table."""
+    return ([_checkpoint_spec(cfg, ctx)] + [_hmm_spec(cfg, ctx, "world-seed", s) for s in cfg.seeds]
+            + [_hmm_spec(cfg, ctx, "sweep", s, opt) for opt in cfg.sweep_optimizers for s in cfg.seeds[:2]]
+            + [_hmm_spec(cfg, ctx, "curves", s) for s in cfg.seeds] + [_kumar_spec(cfg, ctx)])
+
+
+def _world_of(cfg: LPFTSyntheticConfig, seed: int, device: str, cache_root: str) -> World:
+    """The HMM world of ``seed``, built once per process: one cached checkpoint, each seed its own ID/OOD data."""
+    from ftsim.core.cache import UnitCache
+
+    return loaded_once(("lpft.world", cfg.spec(), seed, device),
+                       lambda: hmm_world(cfg.spec(), UnitCache(cache_root), device, data_seed=seed))
+
+
+def compute_kumar(work, cfg: LPFTSyntheticConfig) -> dict:
+    """The ``lpft.kumar`` unit: :func:`kumar_table` over the config's instances and feature errors."""
+    return {"rows": kumar_table(cfg.kumar_seeds, cfg.kumar_feature_errors)}
+
+
+def compute_world_seed(work, cfg: LPFTSyntheticConfig, seed: int, device: str, cache_root: str) -> dict:
+    """The ``lpft.world-seed`` unit: :func:`run_world` on the HMM world of ``seed``."""
+    return run_world(_world_of(cfg, seed, device, cache_root), seed, cfg.settings(), device)
+
+
+def compute_curves(work, cfg: LPFTSyntheticConfig, seed: int, device: str, cache_root: str) -> dict:
+    """The ``lpft.curves`` unit: :func:`lp_curves` on the HMM world of ``seed``."""
+    return {"rows": lp_curves(_world_of(cfg, seed, device, cache_root), seed, cfg.curve_steps)}
+
+
+def compute_sweep(work, cfg: LPFTSyntheticConfig, seed: int, optimizer: str, device: str, cache_root: str) -> dict:
+    """The ``lpft.sweep`` unit: :func:`head_scale_sweep` with ``optimizer`` on the HMM world of ``seed``."""
+    lr = cfg.lr if optimizer != "sgd" else cfg.sweep_sgd_lr
+    return {"rows": head_scale_sweep(_world_of(cfg, seed, device, cache_root), seed, cfg.settings(optimizer, lr),
+                                     cfg.sweep_scales, device)}
+
+
 def _run(cfg: LPFTSyntheticConfig, ctx: RunContext) -> dict:
     from ftsim.core.progress import bar
 
-    dev = torch.device(ctx.device).type
-    kumar = ctx.unit("lpft.kumar", UNIT_VERSIONS["kumar"],
-                     {"seeds": list(cfg.kumar_seeds), "feature_errors": list(cfg.kumar_feature_errors)},
-                     lambda work: {"rows": kumar_table(cfg.kumar_seeds, cfg.kumar_feature_errors)}).result["rows"]
-    world_cache: dict = {}
-
-    def world(seed):
-        # the pretrained model is one cached checkpoint; each seed draws its own ID/OOD data sets
-        if seed not in world_cache:
-            world_cache[seed] = hmm_world(cfg.spec(), ctx.cache, ctx.device, ctx.progress, data_seed=seed)
-        return world_cache[seed]
-
-    key = {**_settings_key(cfg), "device": dev}
+    kumar = ctx.unit_of(_kumar_spec(cfg, ctx)).result["rows"]
     rows, history, reliability, sweep, curves = [], [], [], [], []
     for seed in bar(cfg.seeds, desc="lpft-synthetic seeds", disable=not ctx.progress):
-        rec = ctx.unit("lpft.world-seed", UNIT_VERSIONS["world-seed"], {**key, "seed": seed},
-                       lambda work, seed=seed: run_world(world(seed), seed, cfg.settings(), ctx.device)).result
+        rec = ctx.unit_of(_hmm_spec(cfg, ctx, "world-seed", seed)).result
         rows += rec["rows"]
         history += rec["history"]
         reliability += rec["reliability"]
-        curves += ctx.unit("lpft.curves", UNIT_VERSIONS["curves"], {**key, "seed": seed},
-                           lambda work, seed=seed: {"rows": lp_curves(world(seed), seed, cfg.curve_steps)}
-                           ).result["rows"]
+        curves += ctx.unit_of(_hmm_spec(cfg, ctx, "curves", seed)).result["rows"]
     for opt in cfg.sweep_optimizers:
-        lr = cfg.lr if opt != "sgd" else cfg.sweep_sgd_lr
         for seed in cfg.seeds[:2]:
-            got = ctx.unit("lpft.sweep", UNIT_VERSIONS["sweep"], {**key, "seed": seed, "sweep_optimizer": opt},
-                           lambda work, seed=seed, opt=opt, lr=lr: {"rows": head_scale_sweep(
-                               world(seed), seed, cfg.settings(opt, lr), cfg.sweep_scales, ctx.device)}).result["rows"]
+            got = ctx.unit_of(_hmm_spec(cfg, ctx, "sweep", seed, opt)).result["rows"]
             sweep += [{**r, "optimizer": opt} for r in got]
     write_table(ctx.out_dir / "results", rows)
     write_table(ctx.out_dir / "head_norm_history", history)
@@ -644,6 +693,7 @@ EXPERIMENT = Experiment(
     figures=("figures.lpft:redraw",),
     verifier="lpft",
     reproduce=("quick", "paper"),
+    plan=plan,
     help=("LP-FT on synthetic worlds (Tomihari & Sato 2024; Kumar et al. 2022): Kumar's linear model by exact "
           "gradient flow; LP, FT, LP-FT, LoRA-FT, LP-LoRA-FT on the HMM-pretrained transformer with ID/OOD "
           "covariate shift; LP head-norm curves (CE vs MSE); feature change vs the initial head scale.\n\n"

@@ -37,10 +37,12 @@ from torch import nn
 
 from ftsim.core.claims import Claim
 from ftsim.core.errors import InputError
-from ftsim.core.experiment import Experiment, RunContext, Verifier
+from ftsim.core.config import config_hash
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec, Verifier, loaded_once
 from ftsim.core.io import atomic_write_text, write_table
 from ftsim.core.tables import aggregate, markdown_table, mean_std
 from ftsim.core.threads import single_threaded
+from simulate.units import unit_spec
 from theory.finetune import (Head, Method, Optimizer, Params, Regularizer, TensorData, evaluate, finetune,
                              snapshot)
 from theory.metrics import accuracy
@@ -237,21 +239,32 @@ PRETRAIN_FIELDS = ("vocab_size", "latent_dim", "seq_len", "embed_dim", "hidden",
 UNIT_VERSIONS = {"pretrain": 1, "finetune": 1}
 
 
-def pretrained(cfg: SmartSyntheticConfig, ctx: RunContext, world: World) -> tuple[dict[str, torch.Tensor], dict]:
-    """The pretrained body (every parameter but the head), a cached unit."""
+def _pretrain_spec(cfg: SmartSyntheticConfig) -> UnitSpec:
     inputs = {k: getattr(cfg, k) for k in PRETRAIN_FIELDS}
+    return unit_spec("smart-synthetic.pretrain", UNIT_VERSIONS["pretrain"], inputs, compute_pretrain, cfg,
+                     label="pretrain")
 
-    def compute(work):
-        t0 = time.perf_counter()
-        state, curve = _pretrain(cfg, world)
-        for k, v in state.items():
-            work.save_array(k, v.numpy())
-        # the fraction of the pretraining targets' variance explained, on held-in data
-        return {"names": sorted(state), "curve": curve, "target_var": float(world.pre_targets.var()),
-                "seconds": time.perf_counter() - t0}
 
-    unit = ctx.unit("smart-synthetic.pretrain", UNIT_VERSIONS["pretrain"], inputs, compute)
-    return {k: torch.from_numpy(unit.array(k).copy()) for k in unit.result["names"]}, unit.result
+def _world(cfg: SmartSyntheticConfig) -> World:
+    """The synthetic world of ``cfg``, drawn once per process."""
+    return loaded_once(("smart-synthetic.world", config_hash(cfg)), lambda: make_world(cfg))
+
+
+def compute_pretrain(work, cfg: SmartSyntheticConfig) -> dict:
+    """The ``smart-synthetic.pretrain`` unit: the pretrained body, one array per parameter (the head is new)."""
+    t0 = time.perf_counter()
+    world = _world(cfg)
+    state, curve = _pretrain(cfg, world)
+    for k, v in state.items():
+        work.save_array(k, v.numpy())
+    # the fraction of the pretraining targets' variance explained, on held-in data
+    return {"names": sorted(state), "curve": curve, "target_var": float(world.pre_targets.var()),
+            "seconds": time.perf_counter() - t0}
+
+
+def _body(unit) -> dict[str, torch.Tensor]:
+    """The pretrained body stored in a pretraining unit."""
+    return {k: torch.from_numpy(unit.array(k).copy()) for k in unit.result["names"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,6 +377,27 @@ def _unit_inputs(cfg: SmartSyntheticConfig, method: str, seed: int, device: str)
     return {**d, "method": method, "seed": seed, "device": torch.device(device).type}
 
 
+def _finetune_spec(cfg: SmartSyntheticConfig, ctx: RunContext, method: str, seed: int) -> UnitSpec:
+    return unit_spec("smart-synthetic.finetune", UNIT_VERSIONS["finetune"], _unit_inputs(cfg, method, seed, ctx.device),
+                     compute_finetune, cfg, label=f"{method} seed={seed}", needs=(_pretrain_spec(cfg),),
+                     method=method, seed=seed, cache_root=str(ctx.cache.root))
+
+
+def compute_finetune(work, cfg: SmartSyntheticConfig, method: str, seed: int, cache_root: str) -> dict:
+    """The ``smart-synthetic.finetune`` unit of (``method``, ``seed``); the pretrained body from the cache (its unit
+    computed here if no one has yet), loaded once per process."""
+    pre = _pretrain_spec(cfg)
+    body = loaded_once(("smart-synthetic.body", pre.key.digest), lambda: _body(pre.fetch(cache_root)))
+    rms = float(body["embed.weight"].pow(2).mean().sqrt())
+    return _finetune_unit(cfg, _world(cfg), body, rms, method, seed)
+
+
+def plan(cfg: SmartSyntheticConfig, ctx: RunContext) -> list[UnitSpec]:
+    """Every unit of the run as data: pretraining first (each fine-tuning unit fetches it from the cache), then
+    every method x seed."""
+    return [_pretrain_spec(cfg)] + [_finetune_spec(cfg, ctx, m, s) for s in cfg.seeds for m in cfg.methods]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------------------------
@@ -422,15 +456,13 @@ def run(cfg: SmartSyntheticConfig, ctx: RunContext) -> dict:
     from ftsim.core.threads import limit_threads
 
     with limit_threads(1):  # tiny tensors: one thread is fastest and leaves the other core to others
-        world = make_world(cfg)
-        body, pre = pretrained(cfg, ctx, world)
+        unit = ctx.unit_of(_pretrain_spec(cfg))
+        body, pre = _body(unit), unit.result
         rms = float(body["embed.weight"].pow(2).mean().sqrt())
         rows = []
         jobs = [(m, s) for s in cfg.seeds for m in cfg.methods]
         for method, seed in bar(jobs, desc="smart-synthetic", unit="run", disable=not ctx.progress):
-            rec = ctx.unit("smart-synthetic.finetune", UNIT_VERSIONS["finetune"],
-                           _unit_inputs(cfg, method, seed, ctx.device),
-                           lambda work, m=method, s=seed: _finetune_unit(cfg, world, body, rms, m, s)).result
+            rec = ctx.unit_of(_finetune_spec(cfg, ctx, method, seed)).result
             for metric, value in rec["metrics"].items():
                 rows.append({"method": METHOD_LABELS[method], "seed": seed, "metric": metric, "value": _num(value)})
     write_table(ctx.out_dir / "results", rows)
@@ -468,6 +500,7 @@ EXPERIMENT = Experiment(
     figures=("figures.smart:redraw_synthetic",),
     verifier="smart",
     reproduce=("quick", "paper"),
+    plan=plan,
     help="SMART (Jiang et al. 2020) on a synthetic k-shot task: FT vs FT + R_s (+ VBPP / MBPP, public "
          "normalisation): accuracy, robust accuracy, local sensitivity, distance to init, seed spread, cost.",
 )

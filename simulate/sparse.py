@@ -42,10 +42,11 @@ from torch import nn
 
 from ftsim.core.claims import Claim
 from ftsim.core.errors import InputError
-from ftsim.core.experiment import Experiment, RunContext, Verifier
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec, Verifier
 from ftsim.core.io import atomic_write_text, write_table
 from ftsim.core.tables import aggregate, markdown_table, mean_std, paired_difference, summarize
 from ftsim.core.threads import limit_threads, single_threaded
+from simulate.units import checkpoint_spec, exp1_checkpoint, unit_spec
 from theory import sparse as sp
 
 __all__ = [
@@ -761,20 +762,52 @@ PRESETS = {
 UNIT_VERSION = 1
 
 
-def _pretrained_for(cfg: SparseSyntheticConfig, ctx: RunContext):
+def _checkpoint_spec(cfg: SparseSyntheticConfig, cache_root: str) -> UnitSpec:
     """The masked LM of ``wei2021-exp1 --preset quick`` for hmm seed 0 and m = ``hmm_states`` (the same cached unit
     when ``pretrain_steps`` and ``d_model`` are that preset's)."""
-    from simulate.wei2021.experiments import EXP1_PRESETS
-    from simulate.wei2021.pretrain import HMMSpec, pretrain
-
-    exp = dataclasses.replace(EXP1_PRESETS["quick"], pretrain_steps=cfg.pretrain_steps, d_model=cfg.d_model)
-    spec = HMMSpec.make("wei2021", 0, num_states=cfg.hmm_states, vocab_size=exp.vocab_size)
-    pre = pretrain(spec, exp.seq_len, exp.pretrain_config(False, 0), ctx.cache, eval_length=exp.length,
-                   device="cpu", progress=ctx.progress)
-    return spec, pre, exp.length
+    return checkpoint_spec(cfg.hmm_states, 0, _checkpoint_changes(cfg), "cpu", cache_root)
 
 
-def _stability_unit(cfg: SparseSyntheticConfig, seed: int) -> list[dict]:
+def _checkpoint_changes(cfg: SparseSyntheticConfig) -> dict:
+    return {"pretrain_steps": cfg.pretrain_steps, "d_model": cfg.d_model}
+
+
+def _stability_spec(cfg: SparseSyntheticConfig, seed: int) -> UnitSpec:
+    common = dataclasses.asdict(cfg)
+    inputs = {k: common[k] for k in ("ps", "logistic_n", "logistic_dim", "net_n", "net_width", "mask_seeds")}
+    return unit_spec("sparse.stability", UNIT_VERSION, {**inputs, "seed": seed}, compute_stability, cfg,
+                     label=f"stability seed={seed}", seed=seed)
+
+
+def _ucurve_config(cfg: SparseSyntheticConfig) -> UCurveConfig:
+    return UCurveConfig(ps=cfg.ucurve_ps, seeds=cfg.ucurve_seeds)
+
+
+def _kernel_spec(cfg: SparseSyntheticConfig, cache_root: str) -> UnitSpec:
+    inputs = {"checkpoint": _checkpoint_spec(cfg, cache_root).key.digest, "ranks": cfg.ranks,
+              "lora_seeds": cfg.lora_seeds, "kernel_inputs": cfg.kernel_inputs,
+              "klora": [cfg.klora_train, cfg.klora_test, cfg.klora_lr_scale, cfg.klora_steps]}
+    return unit_spec("sparse.lora-kernel", UNIT_VERSION, inputs, compute_lora_kernel, cfg, label="lora-kernel",
+                     needs=(_checkpoint_spec(cfg, cache_root),), cache_root=cache_root)
+
+
+def _specs(cfg: SparseSyntheticConfig, ctx: RunContext) -> dict[str, UnitSpec]:
+    root = str(ctx.cache.root)
+    return {"checkpoint": _checkpoint_spec(cfg, root),
+            **{f"stability {s}": _stability_spec(cfg, s) for s in cfg.seeds},
+            "ucurve": unit_spec("sparse.ucurve", UNIT_VERSION, dataclasses.asdict(_ucurve_config(cfg)),
+                                compute_ucurve, cfg, label="ucurve"),
+            "lora-kernel": _kernel_spec(cfg, root)}
+
+
+def plan(cfg: SparseSyntheticConfig, ctx: RunContext) -> list[UnitSpec]:
+    """Every unit of the run as data: the transformer's checkpoint first (the LoRA-kernel unit fetches it from the
+    cache), the stability curves per problem seed, the U-curve, the LoRA kernels."""
+    return list(_specs(cfg, ctx).values())
+
+
+def compute_stability(work, cfg: SparseSyntheticConfig, seed: int) -> list[dict]:
+    """The ``sparse.stability`` unit: exact leave-one-out stability of the three problems of ``seed``."""
     X, y, theta0 = logistic_world(cfg.logistic_n, cfg.logistic_dim, seed)
     rows = stability_rows(sp.LogisticProblem.make(X, y, ridge=0.01, theta0=theta0), cfg.ps, setting="logistic",
                           mask_seeds=cfg.mask_seeds)
@@ -785,36 +818,41 @@ def _stability_unit(cfg: SparseSyntheticConfig, seed: int) -> list[dict]:
     return [{**r, "seed": seed} for r in rows]
 
 
+def compute_ucurve(work, cfg: SparseSyntheticConfig) -> list[dict]:
+    """The ``sparse.ucurve`` unit: :func:`ucurve_rows`."""
+    return ucurve_rows(_ucurve_config(cfg))
+
+
+def compute_lora_kernel(work, cfg: SparseSyntheticConfig, cache_root: str) -> dict:
+    """The ``sparse.lora-kernel`` unit on the pretrained transformer (read from the cache, trained if missing): the
+    LoRA kernel against rank, and LoRA GD against kernel GD."""
+    from ftsim.core.cache import UnitCache
+    from simulate.wei2021.pretrain import pretrain
+
+    a = exp1_checkpoint(cfg.hmm_states, 0, **_checkpoint_changes(cfg))
+    pre = pretrain(a["spec"], a["length"], a["cfg"], UnitCache(cache_root), eval_length=a["eval_length"])
+    x, y = _hmm_task(a["spec"], a["eval_length"], cfg.klora_train + cfg.klora_test, 0)
+    clf = hmm_classifier(pre.model, x[:cfg.klora_train].numpy(), y[:cfg.klora_train].numpy())
+    targets = ("qkv", "proj", "fc1", "fc2")
+    rows = kernel_rank_rows(clf, x[:cfg.kernel_inputs], cfg.ranks, cfg.lora_seeds, targets,
+                            setting=f"HMM-pretrained transformer (m={cfg.hmm_states})")
+    tr, te = (x[:cfg.klora_train], y[:cfg.klora_train]), (x[cfg.klora_train:], y[cfg.klora_train:])
+    kl = [lora_vs_kernel(clf, tr, te, 8, 16.0, targets, s, cfg.klora_lr_scale, cfg.klora_steps)
+          for s in cfg.lora_seeds]
+    return {"rank_rows": rows, "klora_rows": kl}
+
+
 def run(cfg: SparseSyntheticConfig, ctx: RunContext) -> dict:
     from ftsim.core.progress import bar
 
+    specs = _specs(cfg, ctx)
     with limit_threads(1):
-        common = dataclasses.asdict(cfg)
         stab = []
         for seed in bar(cfg.seeds, desc="stability (exact LOO)", disable=not ctx.progress):
-            inputs = {k: common[k] for k in ("ps", "logistic_n", "logistic_dim", "net_n", "net_width", "mask_seeds")}
-            stab += ctx.unit("sparse.stability", UNIT_VERSION, {**inputs, "seed": seed},
-                             lambda work, s=seed: _stability_unit(cfg, s)).result
-        ucfg = UCurveConfig(ps=cfg.ucurve_ps, seeds=cfg.ucurve_seeds)
-        urows = ctx.unit("sparse.ucurve", UNIT_VERSION, dataclasses.asdict(ucfg), lambda work: ucurve_rows(ucfg)).result
+            stab += ctx.unit_of(specs[f"stability {seed}"]).result
+        urows = ctx.unit_of(specs["ucurve"]).result
         f4 = {"diagonal": f4_diagonal(200, 16, 0), "nondiagonal": f4_nondiagonal(200, 16, 0)}
-        spec, pre, length = _pretrained_for(cfg, ctx)
-        kin = {"checkpoint": pre.path.name, "ranks": cfg.ranks, "lora_seeds": cfg.lora_seeds,
-               "kernel_inputs": cfg.kernel_inputs, "klora": [cfg.klora_train, cfg.klora_test, cfg.klora_lr_scale,
-                                                             cfg.klora_steps]}
-
-        def kernels(work):
-            x, y = _hmm_task(spec, length, cfg.klora_train + cfg.klora_test, 0)
-            clf = hmm_classifier(pre.model, x[:cfg.klora_train].numpy(), y[:cfg.klora_train].numpy())
-            targets = ("qkv", "proj", "fc1", "fc2")
-            rows = kernel_rank_rows(clf, x[:cfg.kernel_inputs], cfg.ranks, cfg.lora_seeds, targets,
-                                    setting=f"HMM-pretrained transformer (m={cfg.hmm_states})")
-            tr, te = (x[:cfg.klora_train], y[:cfg.klora_train]), (x[cfg.klora_train:], y[cfg.klora_train:])
-            kl = [lora_vs_kernel(clf, tr, te, 8, 16.0, targets, s, cfg.klora_lr_scale, cfg.klora_steps)
-                  for s in cfg.lora_seeds]
-            return {"rank_rows": rows, "klora_rows": kl}
-
-        kern = ctx.unit("sparse.lora-kernel", UNIT_VERSION, kin, kernels).result
+        kern = ctx.unit_of(specs["lora-kernel"]).result
     return _write(cfg, ctx, stab, urows, f4, kern)
 
 
@@ -863,6 +901,7 @@ EXPERIMENT = Experiment(
     figures=("figures.sparse:redraw_synthetic",),
     verifier="sparse",
     reproduce=("quick", "paper"),
+    plan=plan,
     help="Fu et al. 2023 on synthetic problems: measured leave-one-out stability vs the Thm 1 bound (logistic, "
          "linearised and non-convex networks), the U-curve of test error in p, and LoRA's kernel vs rank on an "
          "HMM-pretrained transformer (Malladi et al. 2023, Sec. 7).",

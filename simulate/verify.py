@@ -18,7 +18,7 @@ from scipy import stats
 import dataclasses
 
 from ftsim.core.claims import Claim
-from ftsim.core.experiment import Experiment, RunContext, Verifier
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec, Verifier
 from ftsim.core.io import write_table
 from simulate.hmm import HMM, MemoryHMM, memory_hmm, random_hmm, wei2021_hmm
 from simulate.inference import infer, memory_posterior, viterbi
@@ -31,6 +31,7 @@ from simulate.oracles import (
     token_marginals,
 )
 from simulate.sampling import sample
+from simulate.units import unit_spec
 
 __all__ = ["VERIFIER", "EXACTNESS", "marginal_z_scores", "stability_rows", "clt_threshold",
            "ulps"]
@@ -276,18 +277,25 @@ class ExactnessConfig:
 EXACTNESS_UNIT_VERSION = 1
 
 
+def compute_exactness(work, cfg: ExactnessConfig) -> dict:
+    """The ``hmm.exactness`` unit: sampler z-scores against exact marginals, and agreement with hmmlearn as T grows."""
+    rows: list[dict] = []
+    z = marginal_z_scores(wei2021_hmm(8, 12, seed=cfg.seed), cfg.num_sequences, 16, cfg.seed + 1)
+    for kind, zs in z.items():
+        rows.extend({"kind": "z", "variable": kind, "z": float(v)} for v in zs)
+    rows.extend({"kind": "stability", **r} for r in stability_rows(cfg.seed))
+    return {"rows": rows}
+
+
+def plan_exactness(cfg: ExactnessConfig, ctx: RunContext) -> list[UnitSpec]:
+    """The run's one unit as data."""
+    return [unit_spec("hmm.exactness", EXACTNESS_UNIT_VERSION, dataclasses.asdict(cfg), compute_exactness, cfg,
+                      label="exactness")]
+
+
 def run_exactness(cfg: ExactnessConfig, ctx: RunContext) -> dict:
     """z-scores of sampled marginals and agreement with hmmlearn as T grows: ``hmm_checks.jsonl``."""
-
-    def compute(work):
-        rows: list[dict] = []
-        z = marginal_z_scores(wei2021_hmm(8, 12, seed=cfg.seed), cfg.num_sequences, 16, cfg.seed + 1)
-        for kind, zs in z.items():
-            rows.extend({"kind": "z", "variable": kind, "z": float(v)} for v in zs)
-        rows.extend({"kind": "stability", **r} for r in stability_rows(cfg.seed))
-        return {"rows": rows}
-
-    rows = ctx.unit("hmm.exactness", EXACTNESS_UNIT_VERSION, dataclasses.asdict(cfg), compute).result["rows"]
+    rows = ctx.unit_of(plan_exactness(cfg, ctx)[0]).result["rows"]
     write_table(ctx.out_dir / "hmm_checks", rows)
     nz = sum(r["kind"] == "z" for r in rows)
     longest = max(r["length"] for r in rows if r["kind"] == "stability")
@@ -297,6 +305,7 @@ def run_exactness(cfg: ExactnessConfig, ctx: RunContext) -> dict:
 EXACTNESS = Experiment(
     name="hmm-exactness", config_cls=ExactnessConfig,
     presets={"quick": ExactnessConfig(), "paper": ExactnessConfig(num_sequences=200_000)},
-    run=run_exactness, figures=("figures.hmm:redraw",), verifier="hmm", reproduce=("quick", "paper"),
+    run=run_exactness, plan=plan_exactness, figures=("figures.hmm:redraw",), verifier="hmm",
+    reproduce=("quick", "paper"),
     help="Exactness of the synthetic world as a figure: sampler z-scores against exact marginals, and agreement "
          "with hmmlearn as T grows to 10^4.")

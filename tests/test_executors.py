@@ -160,3 +160,45 @@ def test_malladi_units_on_local_workers_equal_the_serial_run(tmp_path, monkeypat
         assert main([*args, "--out", str(tmp_path / name), "--executor", name, "--jobs", "2"]) == 0
     a, b = (next((tmp_path / n / "malladi").glob("*/results.jsonl")).read_bytes() for n in ("serial", "local"))
     assert a == b
+
+
+def _spec(name, needs=()):
+    from ftsim.core.experiment import UnitSpec
+
+    return UnitSpec("test.wave", 1, {"name": name}, "json:dumps", {}, label=name,
+                    needs=tuple(n.key.digest for n in needs))
+
+
+def test_waves_start_a_unit_after_the_units_it_needs():
+    """A diamond a -> (b, c) -> d plus an independent e and a need outside the sweep (cached: ignored)."""
+    from ftsim.app.executors import waves
+
+    outside = _spec("outside")
+    a = _spec("a")
+    b, c = _spec("b", (a,)), _spec("c", (a, outside))
+    d, e = _spec("d", (c, b)), _spec("e")
+    got = [[s.label for s in w] for w in waves([d, b, a, e, c])]
+    assert got == [["a", "e"], ["b", "c"], ["d"]]
+    # JSON round trip keeps the needs (what a worker or a SLURM job receives)
+    from ftsim.core.experiment import UnitSpec
+
+    assert UnitSpec.from_json(d.to_json()) == d
+
+
+def test_units_that_need_each_other_are_refused_by_name():
+    import dataclasses
+
+    from ftsim.app.executors import waves
+
+    a = _spec("a")
+    b = _spec("b", (a,))
+    a_needs_b = dataclasses.replace(a, needs=(b.key.digest,))
+    with pytest.raises(ValueError, match="a -> b -> a|b -> a -> b"):
+        waves([a_needs_b, b])
+
+
+def test_every_registered_experiment_plans_its_units():
+    """A sweep of any experiment fans out: none computes its units only in process."""
+    from ftsim.app.registry import EXPERIMENTS, experiment
+
+    assert [name for name in EXPERIMENTS if experiment(name).plan is None] == []

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PeakMemory", "available_memory", "format_bytes", "rss_bytes"]
+__all__ = ["PeakMemory", "available_memory", "format_bytes", "rss_bytes", "saved_activation_bytes",
+           "SavedTensorBytes"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -54,6 +55,45 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+class SavedTensorBytes:
+    """Context manager counting the bytes of the tensors autograd saves for backward inside it: the activation
+    memory a training step holds at its peak. Storages in ``exclude`` (the parameters) and storages seen before
+    are not counted. ``nbytes`` holds the count; nothing is kept after the block.
+    """
+
+    def __init__(self, exclude=()):
+        self._resident = {t.untyped_storage().data_ptr() for t in exclude}
+        self._seen: set[int] = set()
+        self.nbytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor):
+        try:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+            return t
+        if ptr not in self._seen and ptr not in self._resident:
+            self._seen.add(ptr)
+            self.nbytes += storage.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def saved_activation_bytes(module: torch.nn.Module, *args) -> int:
+    """Bytes autograd saves for the backward pass of ``module(*args)`` (parameters excluded, each storage
+    once): see :class:`SavedTensorBytes`."""
+    with torch.enable_grad(), SavedTensorBytes(exclude=module.parameters()) as saved:
+        module(*args)
+    return saved.nbytes
 
 
 def available_memory(device: str | torch.device = "cpu") -> int:

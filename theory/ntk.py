@@ -55,7 +55,7 @@ import torch
 from theory import ntk_factored as fz
 from theory.batching import Batch, ModelFn, batch_size_of, batch_to, in_dims, slice_batch, unsqueeze
 from theory.gram import PRODUCT_CHUNK, SIGN_RTOL, accumulate, mirror_lower, row_scale, sign_rows
-from theory.memory import available_memory, format_bytes
+from theory.memory import SavedTensorBytes, available_memory, format_bytes
 from theory.sketch import CountSketch, count_sketch, count_sketch_std_bound
 
 __all__ = [
@@ -283,24 +283,9 @@ class _Gradients:
             (C, output dtype, bytes of tensors saved for backward per example, parameters excluded).
         """
         sub = {n: p.detach().requires_grad_(True) for n, p in self.sub.items()}
-        resident = {p.untyped_storage().data_ptr() for p in list(self.sub.values()) + list(self.const.values())}
-        seen: set[int] = set()
-        saved = 0
-
-        def pack(t: torch.Tensor):
-            nonlocal saved
-            try:
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-            except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
-                return t
-            if ptr not in seen and ptr not in resident:
-                seen.add(ptr)
-                saved += storage.nbytes()
-            return t
-
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), SavedTensorBytes(exclude=[*self.sub.values(), *self.const.values()]) as counted:
             out = self._call(sub, example)
+        saved = counted.nbytes
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"f(params, batch) must return a (B, C) tensor of outputs; for a batch of 1 example "

@@ -33,7 +33,7 @@ from ftsim.core.errors import InputError
 from ftsim.core.experiment import UnitSpec
 from ftsim.core.io import atomic_write_text, write_json
 
-__all__ = ["ExecutorConfig", "EXECUTORS", "compute_units", "unit_state", "failure_path", "compute_one"]
+__all__ = ["ExecutorConfig", "EXECUTORS", "compute_units", "unit_state", "failure_path", "compute_one", "waves"]
 
 EXECUTORS = ("serial", "local", "submitit")
 
@@ -75,7 +75,7 @@ def compute_one(spec_json: dict, cache_root: str, log: str | None = None) -> str
     cache = UnitCache(cache_root)
     fail = failure_path(cache, spec)
     try:
-        cache.get_or_compute(spec.key, spec.compute)
+        cache.get_or_compute(spec.key, spec.compute, cost=spec.cost)
     except BaseException as exc:
         fail.parent.mkdir(parents=True, exist_ok=True)
         write_json(fail, {"label": spec.label, "kind": spec.kind, "error": f"{type(exc).__name__}: {exc}",
@@ -119,18 +119,44 @@ def compute_units(specs: Sequence[UnitSpec], cache: UnitCache, config: ExecutorC
     pending = [s for s in specs if not (cache.path_of(s.key) / "record.json").is_file()]
     write_json(run_dir / "units_plan.json", {"cache": str(cache.root), "units": [s.to_json() for s in specs]})
     failed: list[dict] = []
-    if config.name == "serial" or not pending:
-        for s in bar(pending, desc="units (serial)", unit="unit", disable=not progress):
-            try:
-                compute_one(s.to_json(), str(cache.root))
-            except Exception as exc:  # noqa: BLE001 -- recorded; the run's gather step reports it again
-                failed.append({"label": s.label, "error": f"{type(exc).__name__}: {exc}"})
-    elif config.name == "local":
-        failed = _local(pending, cache, config, progress)
-    else:
-        failed = _submitit(pending, cache, config, run_dir, progress)
+    (run_dir / "submitit_jobs.json").unlink(missing_ok=True)  # this sweep's job ids only
+    for wave in waves(pending):
+        if config.name == "serial":
+            for s in bar(wave, desc="units (serial)", unit="unit", disable=not progress):
+                try:
+                    compute_one(s.to_json(), str(cache.root))
+                except Exception as exc:  # noqa: BLE001 -- recorded; the run's gather step reports it again
+                    failed.append({"label": s.label, "error": f"{type(exc).__name__}: {exc}"})
+        elif config.name == "local":
+            failed += _local(wave, cache, config, progress)
+        else:
+            failed += _submitit(wave, cache, config, run_dir, progress)
     return {"planned": len(specs), "cached": len(specs) - len(pending), "computed": len(pending) - len(failed),
             "failed": failed, "seconds": round(time.perf_counter() - t0, 3), "executor": config.name}
+
+
+def waves(specs: Sequence[UnitSpec]) -> list[list[UnitSpec]]:
+    """``specs`` in dependency order: wave 0 needs none of them, wave i needs some of wave i - 1 and nothing later
+    (``UnitSpec.needs`` outside ``specs`` are cached or fetched by the unit itself). Plan order is kept inside a
+    wave. A cycle is an error that names its units."""
+    level: dict[str, int] = {}
+    by_digest = {s.key.digest: s for s in specs}
+
+    def depth(d: str, path: tuple[str, ...]) -> int:
+        if d in path:
+            names = [by_digest[x].label or by_digest[x].kind for x in (*path, d)]
+            raise ValueError(f"units that need each other: {' -> '.join(names)}")
+        if d not in level:
+            needs = [n for n in by_digest[d].needs if n in by_digest]
+            level[d] = 1 + max((depth(n, (*path, d)) for n in needs), default=-1)
+        return level[d]
+
+    out: list[list[UnitSpec]] = []
+    for s in specs:
+        i = depth(s.key.digest, ())
+        out.extend([] for _ in range(i + 1 - len(out)))
+        out[i].append(s)
+    return [w for w in out if w]
 
 
 def _local(pending: Sequence[UnitSpec], cache: UnitCache, config: ExecutorConfig, progress: bool) -> list[dict]:
@@ -192,7 +218,9 @@ def _submitit(pending: Sequence[UnitSpec], cache: UnitCache, config: ExecutorCon
                            "log": None if log is None else str(log)})
         b.update(1)
     b.close()
-    atomic_write_text(run_dir / "submitit_jobs.json", json.dumps([str(j.job_id) for j in jobs]) + "\n")
+    ids_path = run_dir / "submitit_jobs.json"  # every wave's job ids (a sweep with dependencies has several)
+    earlier = json.loads(ids_path.read_text()) if ids_path.is_file() else []
+    atomic_write_text(ids_path, json.dumps(earlier + [str(j.job_id) for j in jobs]) + "\n")
     return failed
 
 

@@ -178,12 +178,69 @@ def _median(xs: list[float]) -> float | None:
     return xs[len(xs) // 2] if xs else None
 
 
+def _measured(cache: UnitCache, kind: str) -> list[dict]:
+    """Seconds, peak memory and stored cost of every finished unit of ``kind`` in the cache."""
+    out = []
+    for rec in (cache.root / kind).glob("*/*/record.json"):
+        try:
+            r = json.loads(rec.read_text())
+            seconds = float(r["seconds"])
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+        mem, cost = r.get("memory") or {}, r.get("cost") or {}
+        out.append({"seconds": seconds, "rss": mem.get("rss_bytes"), "cuda": mem.get("cuda_bytes"),
+                    "flops": cost.get("flops"), "device": str(cost.get("device", "cpu")).split(":")[0]})
+    return out
+
+
+def _rate(measured: list[dict], device: str) -> tuple[float | None, int]:
+    """Median seconds per flop of the measured units that stored their flops, on this kind of device."""
+    rates = [m["seconds"] / m["flops"] for m in measured if m["flops"] and m["device"] == device]
+    return _median(rates), len(rates)
+
+
+def _gib(xs) -> float | None:
+    xs = [x for x in xs if x]
+    return round(max(xs) / 2 ** 30, 2) if xs else None
+
+
+def _estimate_kind(specs: list, cached: list[bool], measured: list[dict], fallback_rate: tuple[float | None, int],
+                   device: str) -> dict:
+    """Counts, a-priori memory and the time estimate of one kind of unit (see :func:`dry_run`)."""
+    pending = [s for s, c in zip(specs, cached) if not c]
+    flops = [(s.cost or {}).get("flops") for s in pending]
+    k: dict[str, Any] = {"units": len(specs), "cached": sum(cached), "measured_units": len(measured)}
+    k["median_seconds"] = _median([m["seconds"] for m in measured])
+    k["pending_tflop"] = float(f"{sum(flops) / 1e12:.4g}") if pending and all(flops) else None
+    rate, n = _rate(measured, device)
+    basis = f"flops x seconds/flop of {n} measured unit(s) of this kind" if rate is not None else None
+    if rate is None and fallback_rate[0] is not None:
+        rate, basis = fallback_rate[0], f"flops x seconds/flop of {fallback_rate[1]} measured unit(s) of other kinds"
+    if not pending:
+        est, basis = 0.0, "all cached"
+    elif rate is not None and k["pending_tflop"] is not None:
+        est = round(rate * sum(flops), 1)
+    elif k["median_seconds"] is not None:
+        est, basis = round(k["median_seconds"] * len(pending), 1), f"median of {len(measured)} measured unit(s)"
+    else:
+        est, basis = None, "nothing measured yet"
+    k["estimated_seconds"], k["estimate_basis"] = est, basis
+    k["estimated_peak_memory_gib"] = _gib((s.cost or {}).get("memory_bytes") for s in specs)
+    k["max_peak_rss_gib"] = _gib(m["rss"] for m in measured)
+    k["max_peak_cuda_gib"] = _gib(m["cuda"] for m in measured)
+    return k
+
+
 def dry_run(experiment: Experiment, config: Any, *, device: str, cache: UnitCache, out_dir: Path | None = None
             ) -> dict:
-    """The planned units of a run: how many per kind, how many are cached, and the time the pending ones should
-    take, estimated from the measured compute times of cached units of the same kind (their sizes may differ;
-    the estimate says how many it is based on), with the largest peak memory measured for a unit of that kind
-    (process resident set; CUDA allocations when they ran on a GPU). None where nothing was measured yet."""
+    """The planned units of a run: how many per kind, how many are cached, and what the pending ones need.
+
+    Time: when the planned units carry a cost (``UnitSpec.cost["flops"]``), their flops times the seconds per flop
+    measured on finished units of the same kind on this kind of device (else of any kind: one machine's
+    effective speed); otherwise the median measured time of the kind times the count; None where nothing was
+    measured yet. Memory: the a-priori peak device memory of the largest unit (``cost["memory_bytes"]``), and the
+    largest peak measured for a unit of that kind (process resident set; CUDA allocations when on a GPU).
+    """
     if experiment.plan is None:
         raise InputError(f"experiment {experiment.name} has no unit plan to show", field="dry_run")
     import tempfile
@@ -191,31 +248,18 @@ def dry_run(experiment: Experiment, config: Any, *, device: str, cache: UnitCach
     with tempfile.TemporaryDirectory() as tmp:
         ctx = RunContext(out_dir=Path(out_dir or tmp), cache=cache, device=device, progress=False, preset="dry-run")
         specs = experiment.plan(config, ctx)
-    kinds: dict[str, dict] = {}
+    by_kind: dict[str, list] = {}
     for s in specs:
-        k = kinds.setdefault(s.kind, {"units": 0, "cached": 0})
-        k["units"] += 1
-        k["cached"] += int((cache.path_of(s.key) / "record.json").is_file())
-    for kind, k in kinds.items():
-        measured, rss, cuda = [], [], []
-        for rec in (cache.root / kind).glob("*/*/record.json"):
-            try:
-                r = json.loads(rec.read_text())
-                measured.append(float(r["seconds"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-            mem = r.get("memory") or {}
-            rss.append(mem.get("rss_bytes"))
-            cuda.append(mem.get("cuda_bytes"))
-        med = _median(measured)
-        k["measured_units"] = len(measured)
-        k["median_seconds"] = med
-        k["estimated_seconds"] = None if med is None else round(med * (k["units"] - k["cached"]), 1)
-        # peak memory per unit (process resident set, and CUDA when measured on a GPU), the largest measured one
-        k["max_peak_rss_gib"] = None if not any(rss) else round(max(x for x in rss if x) / 2 ** 30, 2)
-        k["max_peak_cuda_gib"] = None if not any(cuda) else round(max(x for x in cuda if x) / 2 ** 30, 2)
+        by_kind.setdefault(s.kind, []).append(s)
+    dev = device.split(":")[0]
+    measured = {kind: _measured(cache, kind) for kind in by_kind}
+    everything = [m for ms in measured.values() for m in ms]
+    kinds = {}
+    for kind, ss in by_kind.items():
+        cached = [(cache.path_of(s.key) / "record.json").is_file() for s in ss]
+        kinds[kind] = _estimate_kind(ss, cached, measured[kind], _rate(everything, dev), dev)
     total = [k["estimated_seconds"] for k in kinds.values()]
-    return {"experiment": experiment.name, "units": len(specs), "kinds": kinds,
+    return {"experiment": experiment.name, "units": len(specs), "device": device, "kinds": kinds,
             "estimated_seconds": None if any(t is None for t in total) else round(sum(total), 1)}
 
 

@@ -238,12 +238,14 @@ class UnitCache:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def get_or_compute(self, key: UnitKey, compute: Callable[[_Workdir], Any], *, overwrite: bool = False) -> Unit:
+    def get_or_compute(self, key: UnitKey, compute: Callable[[_Workdir], Any], *, overwrite: bool = False,
+                       cost: Mapping[str, Any] | None = None) -> Unit:
         """The unit ``key``: read from the cache, or computed by ``compute(workdir)`` and stored.
 
         ``compute`` returns the JSON-able result and may write files into ``workdir.path`` (``workdir.save_array``
         for arrays); it runs in a fresh temporary directory and only a unit that finished is published.
-        ``overwrite`` recomputes even if the unit exists (the new one replaces it).
+        ``overwrite`` recomputes even if the unit exists (the new one replaces it). ``cost`` (the a-priori
+        estimate of :class:`ftsim.core.experiment.UnitSpec`) is stored beside the measured seconds and memory.
         """
         if not overwrite:
             unit = self.get(key)
@@ -254,9 +256,10 @@ class UnitCache:
                 unit = self.get(key)  # computed by another process while we waited
                 if unit is not None:
                     return unit
-            return self._compute(key, compute, replace=overwrite)
+            return self._compute(key, compute, replace=overwrite, cost=cost)
 
-    def _compute(self, key: UnitKey, compute: Callable[[_Workdir], Any], replace: bool) -> Unit:
+    def _compute(self, key: UnitKey, compute: Callable[[_Workdir], Any], replace: bool,
+                 cost: Mapping[str, Any] | None = None) -> Unit:
         final = self.path_of(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key.digest[:16]}-", dir=final.parent))
@@ -269,6 +272,8 @@ class UnitCache:
                       "digest": key.digest, "result": to_jsonable(result), "files": _hash_files(tmp),
                       "seconds": round(seconds, 3), "memory": _peak_memory(),
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if cost:
+                record["cost"] = to_jsonable(dict(cost))
             write_json(tmp / RECORD, record)
             os.chmod(tmp, 0o777 & ~current_umask())
             if replace and final.exists():

@@ -14,7 +14,9 @@ stopped, and runs that share units compute them once.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -22,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ftsim.core.cache import Unit, UnitCache, unit_key
 from ftsim.core.claims import Claim
 
-__all__ = ["Experiment", "Verifier", "RunContext", "UnitSpec", "resolve_device", "DeviceError"]
+__all__ = ["Experiment", "Verifier", "RunContext", "UnitSpec", "resolve_device", "DeviceError", "loaded_once"]
 
 
 class DeviceError(ValueError):
@@ -48,6 +50,27 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
+_LOADED: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+LOADED_CAPACITY = 4  # objects kept per process (a real LM is ~1 GB): a long `ftsim reproduce` does not grow
+
+
+def loaded_once(key: tuple, load: Callable[[], Any]) -> Any:
+    """``load()`` once per process for ``key`` (e.g. ``(experiment, config hash, device, cache root)``), then the
+    same object, while it is among the :data:`LOADED_CAPACITY` most recently used.
+
+    An executor's worker computes many units of one run: the task, model and data a planned unit needs are loaded
+    by the first unit and shared by the rest, and the planning process shares them with ``run`` likewise.
+    """
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    value = load()
+    _LOADED[key] = value
+    while len(_LOADED) > LOADED_CAPACITY:
+        _LOADED.popitem(last=False)
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class UnitSpec:
     """A unit of work described by data alone, so that another process (a local worker, a SLURM job) can compute
@@ -57,6 +80,13 @@ class UnitSpec:
 
     Attributes:
         label: a short human name for progress and ``ftsim status``.
+        cost: an a-priori estimate of what the unit needs, not part of its key: ``flops`` (arithmetic it does,
+            e.g. 2 x parameters x tokens per forward pass, 3x that with the backward pass), ``memory_bytes``
+            (peak device memory) and ``device``. It is stored in the unit's record, so ``--dry-run`` turns the
+            flops of pending units into seconds at the rate measured on units computed before (see
+            :func:`ftsim.app.runner.dry_run`).
+        needs: digests of the units this one reads (a pretrained body, a fitted probe); it fetches them itself
+            (:meth:`fetch`), and executors start it only after those of the same sweep finished.
     """
 
     kind: str
@@ -65,10 +95,17 @@ class UnitSpec:
     target: str
     args: Mapping[str, Any]
     label: str = ""
+    cost: Mapping[str, Any] | None = None
+    needs: tuple[str, ...] = ()
 
     @property
     def key(self):
         return unit_key(self.kind, self.version, self.inputs)
+
+    def fetch(self, cache_root: str | os.PathLike) -> Unit:
+        """This unit from the cache at ``cache_root``, computed here when missing (the cache's lock makes another
+        process that is computing it a wait): how a unit gets a unit it needs, in whichever process it runs."""
+        return UnitCache(cache_root).get_or_compute(self.key, self.compute, cost=self.cost)
 
     def compute(self, work) -> Any:
         import importlib
@@ -78,11 +115,13 @@ class UnitSpec:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "version": self.version, "inputs": self.inputs, "target": self.target,
-                "args": dict(self.args), "label": self.label, "digest": self.key.digest}
+                "args": dict(self.args), "label": self.label, "digest": self.key.digest,
+                "cost": None if self.cost is None else dict(self.cost), "needs": list(self.needs)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "UnitSpec":
-        return cls(d["kind"], d["version"], d["inputs"], d["target"], d["args"], d.get("label", ""))
+        return cls(d["kind"], d["version"], d["inputs"], d["target"], d["args"], d.get("label", ""), d.get("cost"),
+                   tuple(d.get("needs", ())))
 
 
 @dataclasses.dataclass
@@ -99,16 +138,17 @@ class RunContext:
 
     def unit_of(self, spec: UnitSpec) -> Unit:
         """The unit of a :class:`UnitSpec` (computed here if no executor computed it already)."""
-        return self.unit(spec.kind, spec.version, spec.inputs, spec.compute)
+        return self.unit(spec.kind, spec.version, spec.inputs, spec.compute, cost=spec.cost)
 
-    def unit(self, kind: str, version: int | str, inputs: Any, compute: Callable[[Any], Any]) -> Unit:
+    def unit(self, kind: str, version: int | str, inputs: Any, compute: Callable[[Any], Any], *,
+             cost: Mapping[str, Any] | None = None) -> Unit:
         """The unit (kind, version, inputs) from the cache, or computed by ``compute(workdir)`` and stored
         (see :meth:`ftsim.core.cache.UnitCache.get_or_compute`). ``--overwrite`` recomputes the units of this run
         once (a unit asked for twice in one run is computed the first time only)."""
         key = unit_key(kind, version, inputs)
         fresh = self.overwrite and key.digest not in {u["digest"] for u in self.units_used}
         t0 = time.perf_counter()
-        unit = self.cache.get_or_compute(key, compute, overwrite=fresh)
+        unit = self.cache.get_or_compute(key, compute, overwrite=fresh, cost=cost)
         self.units_used.append({"kind": kind, "digest": key.digest, "seconds": unit.seconds,
                                 "read_seconds": round(time.perf_counter() - t0, 3)})
         return unit

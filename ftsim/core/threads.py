@@ -12,7 +12,7 @@ import functools
 import sys
 from typing import Callable, Iterator, TypeVar
 
-__all__ = ["limit_threads", "single_threaded"]
+__all__ = ["limit_threads", "single_threaded", "threads_if"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,12 @@ def limit_threads(n: int = 1, *, torch_threads: bool = True, blas: bool = True) 
         if torch is not None and before is not None:
             torch.set_num_threads(before)
         stack.close()
+
+
+def threads_if(n: int) -> contextlib.AbstractContextManager:
+    """:func:`limit_threads` (n) when ``n >= 1``; with 0, the threads as they are (a config's ``threads`` field:
+    float32 reductions depend on the thread count, so a unit fixed to n threads is the same in every process)."""
+    return limit_threads(n) if n >= 1 else contextlib.nullcontext()
 
 
 def single_threaded(fn: Callable[..., T]) -> Callable[..., T]:

@@ -7,9 +7,11 @@ seeds, with the exact oracles on the same axes.
 ``ftsim run wei2021-exp2 --preset quick|paper``: a memory HMM (4 syntax states x N memory values) with an
 attention head over per-position outputs vs a vanilla HMM with as many states and a linear head on G_0.
 
-Units of work (one (HMM, task) oracle bundle, one pretrained model with its TV curve, one (HMM, task, model)
-tuning run) go through the shared unit cache (``ctx.unit``): a killed run resumes, and the two experiments share
-the corpora and vanilla models they have in common.
+Units of work (one pretrained model with its TV curve, one (HMM, task) oracle bundle, one (HMM, task, model)
+tuning run) go through the shared unit cache: a killed run resumes, and the two experiments share the corpora and
+vanilla models they have in common. Each experiment's ``plan`` lists its units as data (:class:`UnitSpec`, target
+:func:`compute_unit`), so ``--executor local|submitit`` computes them in other processes; the run then asks for the
+same units (``ctx.unit_of``) and finds them in the cache.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections import OrderedDict
 from typing import Any, Literal
 
 
-from ftsim.core.experiment import Experiment, RunContext
+from ftsim.core.experiment import Experiment, RunContext, UnitSpec
 from ftsim.core.io import write_table
 
 __all__ = ["Exp1Config", "Exp2Config", "EXP1", "EXP2", "PAPER_EXP1", "PAPER_EXP2"]
@@ -182,16 +184,17 @@ EXP2_PRESETS = OrderedDict(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _threads(ctx: RunContext):
+def _threads(device: str):
     """One intra-op thread on CPU unless $FTSIM_THREADS says otherwise (at most 2 on the reference machine).
 
     The quick models are tiny (64-wide): a second thread buys little, and when the two cores are shared with
-    other jobs, two spinning OpenMP threads made pretraining up to 10x slower in our measurements."""
+    other jobs, two spinning OpenMP threads made pretraining up to 10x slower in our measurements. Every unit
+    runs under it too, so a unit is the same bytes in this process and in an executor's worker."""
     import contextlib
 
     from ftsim.core.threads import limit_threads
 
-    if ctx.device != "cpu":
+    if device != "cpu":
         return contextlib.nullcontext()
     return limit_threads(max(1, int(os.environ.get("FTSIM_THREADS", "1"))))
 
@@ -206,39 +209,45 @@ def _data_seed(hmm_seed: int, task_seed: int, tag: str) -> int:
     return derive_seed(hmm_seed, task_seed, tag)
 
 
-UNIT_VERSIONS = {"oracle-exp1": 1, "oracle-exp2": 1, "tuning": 1}  # bump when a unit's computation changes
+def _exp1_data(cfg: Exp1Config, m: int, hs: int, ts: int) -> tuple:
+    """Experiment 1's task on HMM (m, hs), task seed ts: (hmm, mu, train, val, test)."""
+    from simulate.wei2021.oracles import downstream_data, wei2021_task
+
+    hmm, mu = wei2021_task(m, cfg.vocab_size, hs, ts, cfg.length, cfg.support_size)
+    full = downstream_data(hmm, mu, cfg.num_train + cfg.num_val + cfg.num_test, cfg.length,
+                           _data_seed(hs, ts, "downstream"))
+    return (hmm, mu, *_splits(full, cfg))
 
 
-def _unit_inputs(cfg: _Common, **coords) -> dict:
-    """A unit's inputs: every field of the config except the sweep axes, plus the unit's coordinates."""
-    sweep = {"num_states", "causal_num_states", "hmm_seeds", "task_seeds", "num_memory"}
-    return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sweep}, **coords}
+def _exp2_data(cfg: Exp2Config, N: int, hs: int, ts: int, kind: str) -> tuple:
+    """Experiment 2's task on the ``memory`` HMM (N memory values) or the ``vanilla`` one with as many states."""
+    from simulate.wei2021.oracles import downstream_data, memory_task, wei2021_task
+
+    if kind == "memory":
+        model, mu = memory_task(N, cfg.num_syntax, cfg.vocab_size, hs, ts, cfg.length, cfg.support_size)
+    else:
+        model, mu = wei2021_task(N * cfg.num_syntax, cfg.vocab_size, hs, ts, cfg.length, cfg.support_size)
+    full = downstream_data(model, mu, cfg.num_train + cfg.num_val + cfg.num_test, cfg.length,
+                           _data_seed(hs, ts, f"downstream-{kind}"))
+    return (model, mu, *_splits(full, cfg))
 
 
-class _Models:
-    """Pretrained models of one run, from the cache (pretraining happens only when a model is not cached)."""
+def _exp1_hmm(cfg: Exp1Config, m: int, hs: int):
+    from simulate.wei2021.pretrain import HMMSpec
 
-    def __init__(self, cfg: _Common, ctx: RunContext):
-        self.cfg, self.ctx, self.cache = cfg, ctx, {}
+    return HMMSpec.make("wei2021", hs, num_states=m, vocab_size=cfg.vocab_size)
 
-    def get(self, spec, causal: bool):
-        from simulate.wei2021.pretrain import pretrain
 
-        key = (spec, causal)
-        if key not in self.cache:
-            self.cache[key] = pretrain(spec, self.cfg.seq_len, self.cfg.pretrain_config(causal, spec.seed),
-                                       self.ctx.cache, eval_length=self.cfg.length, device=self.ctx.device,
-                                       progress=self.ctx.progress, overwrite=self.ctx.overwrite)
-            pre = self.cache[key]
-            self.ctx.units_used.append({"kind": "wei2021.pretrain", "digest": pre.path.name, "seconds": pre.seconds,
-                                        "read_seconds": None})
-        return self.cache[key]
+def _exp2_hmms(cfg: Exp2Config, N: int, hs: int) -> dict:
+    from simulate.wei2021.pretrain import HMMSpec
 
-    def curve_rows(self, spec, causal: bool, extra: dict) -> list[dict]:
-        pre = self.get(spec, causal)
-        keep = {"num_parameters": pre.model.num_parameters(), **extra,
-                "model": "causal" if causal else "mlm"}
-        return [{**keep, **row} for row in pre.curve]
+    return {"memory": HMMSpec.make("memory", hs, num_memory=N, num_syntax=cfg.num_syntax, vocab_size=cfg.vocab_size),
+            "vanilla": HMMSpec.make("wei2021", hs, num_states=N * cfg.num_syntax, vocab_size=cfg.vocab_size)}
+
+
+def _variants(cfg: Exp1Config, m: int) -> list[bool]:
+    """The pretrained models of experiment 1 at m: the masked LM, and the causal one where asked for."""
+    return [False] + ([True] if m in cfg.causal_num_states else [])
 
 
 def _mean_table(rows: list[dict], x: str, group: tuple[str, ...]) -> list[dict]:
@@ -258,101 +267,300 @@ def _mean_table(rows: list[dict], x: str, group: tuple[str, ...]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Units as data: what an executor computes before the run gathers them (Experiment.plan)
+# ---------------------------------------------------------------------------------------------------------
+
+UNIT_VERSIONS = {"oracle-exp1": 1, "oracle-exp2": 1, "tuning": 1}  # bump when a unit's computation changes
+_TARGET = "simulate.wei2021.experiments:compute_unit"
+_EXP2_ARMS = (("memory", "attention"), ("memory", "head"), ("vanilla", "head"))  # (HMM, learned method)
+
+
+def _unit_inputs(cfg: _Common, **coords) -> dict:
+    """A unit's inputs: every field of the config except the sweep axes, plus the unit's coordinates."""
+    sweep = {"num_states", "causal_num_states", "hmm_seeds", "task_seeds", "num_memory"}
+    return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sweep}, **coords}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Env:
+    """Where a run's units are computed: its config, the device, the unit cache's root and progress output (none
+    of them but the config and the device is part of a unit's key)."""
+
+    cfg: _Common
+    device: str
+    cache_root: str
+    progress: bool
+
+    @classmethod
+    def of(cls, cfg: _Common, ctx: RunContext) -> "_Env":
+        return cls(cfg, ctx.device, str(ctx.cache.root), ctx.progress)
+
+    def spec(self, kind: str, version: int, inputs: dict, label: str, unit: str, needs: tuple[UnitSpec, ...] = (),
+             **params) -> UnitSpec:
+        """A unit as data: its key, :func:`compute_unit` with the config and the unit's parameters, and the units
+        it reads (``needs``)."""
+        args = {"config": dataclasses.asdict(self.cfg), "exp": 1 if isinstance(self.cfg, Exp1Config) else 2,
+                "device": self.device, "cache_root": self.cache_root, "progress": self.progress, "unit": unit}
+        return UnitSpec(kind, version, inputs, _TARGET, {**args, **params}, label=label,
+                        needs=tuple(n.key.digest for n in needs))
+
+
+def _pretrain_spec(env: _Env, hmm, causal: bool) -> UnitSpec:
+    """The pretrained masked (or causal) LM of one HMM; its key is :func:`simulate.wei2021.pretrain.pretrain`'s,
+    so both experiments (and other callers of ``pretrain``) share the checkpoint."""
+    from simulate.wei2021.pretrain import pretrain_key
+
+    key = pretrain_key(hmm, env.cfg.seq_len, env.cfg.pretrain_config(causal, hmm.seed), eval_length=env.cfg.length,
+                       device=env.device)
+    label = f"pretrain {'causal' if causal else 'mlm'} {hmm.preset} {dict(hmm.params)} seed={hmm.seed}"
+    return env.spec(key.kind, key.version, key.inputs, label, "pretrain", hmm=hmm.describe(), causal=causal)
+
+
+def _oracle1_spec(env: _Env, m: int, hs: int, ts: int) -> UnitSpec:
+    return env.spec("wei2021.oracle-exp1", UNIT_VERSIONS["oracle-exp1"],
+                    _unit_inputs(env.cfg, num_states=m, hmm_seed=hs, task_seed=ts), f"oracles m={m} hmm={hs} task={ts}",
+                    "oracle-exp1", num_states=m, hmm_seed=hs, task_seed=ts)
+
+
+def _tuning1_spec(env: _Env, m: int, hs: int, ts: int, causal: bool) -> UnitSpec:
+    mname = "causal" if causal else "mlm"
+    inputs = _unit_inputs(env.cfg, experiment=1, num_states=m, hmm_seed=hs, task_seed=ts, model=mname,
+                          device=env.device)
+    return env.spec("wei2021.tuning", UNIT_VERSIONS["tuning"], inputs, f"tuning {mname} m={m} hmm={hs} task={ts}",
+                    "tuning-exp1", needs=(_pretrain_spec(env, _exp1_hmm(env.cfg, m, hs), causal),), num_states=m,
+                    hmm_seed=hs, task_seed=ts, causal=causal)
+
+
+def _oracle2_spec(env: _Env, N: int, hs: int, ts: int) -> UnitSpec:
+    return env.spec("wei2021.oracle-exp2", UNIT_VERSIONS["oracle-exp2"],
+                    _unit_inputs(env.cfg, num_memory=N, hmm_seed=hs, task_seed=ts), f"oracles N={N} hmm={hs} task={ts}",
+                    "oracle-exp2", num_memory=N, hmm_seed=hs, task_seed=ts)
+
+
+def _tuning2_spec(env: _Env, N: int, hs: int, ts: int, hmm_kind: str, method: str) -> UnitSpec:
+    inputs = _unit_inputs(env.cfg, experiment=2, num_memory=N, hmm_seed=hs, task_seed=ts, hmm=hmm_kind,
+                          method=method, device=env.device)
+    return env.spec("wei2021.tuning", UNIT_VERSIONS["tuning"], inputs,
+                    f"tuning {hmm_kind}+{method} N={N} hmm={hs} task={ts}", "tuning-exp2",
+                    needs=(_pretrain_spec(env, _exp2_hmms(env.cfg, N, hs)[hmm_kind], False),), num_memory=N,
+                    hmm_seed=hs, task_seed=ts, hmm_kind=hmm_kind, method=method)
+
+
+def _unique(specs: list[UnitSpec]) -> list[UnitSpec]:
+    """Each unit once, in first-seen order (repeated seeds name the same unit)."""
+    return list({s.key.digest: s for s in specs}.values())
+
+
+def plan_exp1(cfg: Exp1Config, ctx: RunContext) -> list[UnitSpec]:
+    """Every unit of experiment 1, dependencies first: the pretrained models (which the tuning units read), the
+    oracle bundles (which need none), then the tuning runs. An executor that starts a tuning unit before its
+    model is stored makes it wait on the cache's lock (or compute the model itself): never twice, never wrong."""
+    env = _Env.of(cfg, ctx)
+    cells = [(m, hs, ts) for m in cfg.num_states for hs in cfg.hmm_seeds for ts in cfg.task_seeds]
+    models = [_pretrain_spec(env, _exp1_hmm(cfg, m, hs), causal) for m in cfg.num_states for hs in cfg.hmm_seeds
+              for causal in _variants(cfg, m)]
+    oracles = [_oracle1_spec(env, m, hs, ts) for m, hs, ts in cells]
+    tuning = [_tuning1_spec(env, m, hs, ts, causal) for m, hs, ts in cells for causal in _variants(cfg, m)]
+    return _unique(models + oracles + tuning)
+
+
+def plan_exp2(cfg: Exp2Config, ctx: RunContext) -> list[UnitSpec]:
+    """Every unit of experiment 2 in the order of :func:`plan_exp1`: models, oracle bundles, tuning runs."""
+    env = _Env.of(cfg, ctx)
+    cells = [(N, hs, ts) for N in cfg.num_memory for hs in cfg.hmm_seeds for ts in cfg.task_seeds]
+    models = [_pretrain_spec(env, hmm, False) for N in cfg.num_memory for hs in cfg.hmm_seeds
+              for hmm in _exp2_hmms(cfg, N, hs).values()]
+    oracles = [_oracle2_spec(env, N, hs, ts) for N, hs, ts in cells]
+    tuning = [_tuning2_spec(env, N, hs, ts, kind, method) for N, hs, ts in cells for kind, method in _EXP2_ARMS]
+    return _unique(models + oracles + tuning)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Computing one unit (in the run's process or an executor's worker)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def compute_unit(work, config: dict, exp: int, device: str, cache_root: str, progress: bool, unit: str, **params):
+    """Compute one unit of experiment ``exp`` from the JSON form of its config (the target of every
+    :class:`UnitSpec` of this module); pretrained models are loaded once per process."""
+    from ftsim.core.config import config_from_dict
+
+    env = _Env(config_from_dict(Exp1Config if exp == 1 else Exp2Config, config), device, cache_root, progress)
+    with _threads(device):
+        return _UNITS[unit](env, work, **params)
+
+
+def _pretrain_unit(env: _Env, work, hmm: dict, causal: bool) -> dict:
+    from ftsim.core.cache import UnitCache
+    from simulate.wei2021.pretrain import HMMSpec, train_unit
+
+    spec = HMMSpec.make(hmm["preset"], hmm["seed"], **hmm["params"])
+    pcfg = env.cfg.pretrain_config(causal, spec.seed)
+    return train_unit(work, spec, env.cfg.seq_len, pcfg, UnitCache(env.cache_root), eval_length=env.cfg.length,
+                      device=env.device, progress=env.progress)
+
+
+def _model(env: _Env, hmm, causal: bool):
+    """The frozen pretrained model of ``hmm``: its unit from the cache (computed here if no one has yet; the
+    cache's lock makes a unit another process is computing a wait), loaded once per process."""
+    from ftsim.core.experiment import loaded_once
+    from simulate.wei2021.pretrain import load_pretrained
+
+    spec = _pretrain_spec(env, hmm, causal)
+    unit = spec.fetch(env.cache_root)
+    pcfg = env.cfg.pretrain_config(causal, hmm.seed)
+    return loaded_once(("wei2021.pretrain", str(unit.path), env.device),
+                       lambda: load_pretrained(unit, hmm, env.cfg.seq_len, pcfg, eval_length=env.cfg.length,
+                                               device=env.device).model)
+
+
+def _oracle1_unit(env: _Env, work, num_states: int, hmm_seed: int, task_seed: int) -> dict:
+    from simulate.wei2021.oracles import exact_exp1_oracles
+
+    cfg = env.cfg
+    hmm, mu, tr, _, te = _exp1_data(cfg, num_states, hmm_seed, task_seed)
+    sub = tr.split((cfg.oracle_train,))[0]
+    base = {"num_states": num_states, "hmm_seed": hmm_seed, "task_seed": task_seed}
+    return {**base, **exact_exp1_oracles(hmm, mu, sub, te, seed=task_seed, restarts=cfg.oracle_restarts,
+                                         steps=cfg.oracle_steps), "mu": mu.tolist()}
+
+
+def _tuning1_unit(env: _Env, work, num_states: int, hmm_seed: int, task_seed: int, causal: bool) -> dict:
+    """Head tuning, then prompt tuning started from it, on one pretrained model (test accuracy, wall times)."""
+    from simulate.wei2021.tuning import head_tuning, prompt_tuning
+
+    cfg, tcfg = env.cfg, env.cfg.tuning_config()
+    _, _, tr, va, te = _exp1_data(cfg, num_states, hmm_seed, task_seed)
+    model = _model(env, _exp1_hmm(cfg, num_states, hmm_seed), causal)
+    t1 = time.perf_counter()
+    head = head_tuning(model, tr, va, te, tcfg, env.device)
+    out = {"head": {k: head[k] for k in ("train_accuracy", "val_accuracy", "test_accuracy", "l2")}}
+    out["head"]["seconds"] = round(time.perf_counter() - t1, 2)
+    t1 = time.perf_counter()
+    pr = prompt_tuning(model, tr, va, te, tcfg, seed=_data_seed(hmm_seed, task_seed, "prompt"), head_init=head,
+                       device=env.device, progress=env.progress)
+    out["prompt"] = {**pr, "seconds": round(time.perf_counter() - t1, 2)}
+    return out
+
+
+def _oracle2_unit(env: _Env, work, num_memory: int, hmm_seed: int, task_seed: int) -> dict:
+    from simulate.wei2021.oracles import memory_attention_oracle
+    from theory.wei2021 import head_oracle
+
+    cfg = env.cfg
+    model, _, tr, _, te = _exp2_data(cfg, num_memory, hmm_seed, task_seed, "memory")
+    sub = tr.split((cfg.oracle_train,))[0]
+    mem = memory_attention_oracle(model, sub, te, seed=task_seed, steps=cfg.attention_steps,
+                                  num_heads=cfg.attention_heads)
+    _, _, mem_linear = head_oracle(sub.G0, sub.labels, te.G0, te.labels)
+    _, _, vtr, _, vte = _exp2_data(cfg, num_memory, hmm_seed, task_seed, "vanilla")
+    vsub = vtr.split((cfg.oracle_train,))[0]
+    _, _, van = head_oracle(vsub.G0, vsub.labels, vte.G0, vte.labels)
+    base = {"total_states": num_memory * cfg.num_syntax, "num_memory": num_memory, "hmm_seed": hmm_seed,
+            "task_seed": task_seed}
+    return {**base, **mem, "memory_linear_oracle": mem_linear, "vanilla_head_oracle": van,
+            "memory_label_balance": float(te.labels.mean()), "vanilla_label_balance": float(vte.labels.mean())}
+
+
+def _tuning2_unit(env: _Env, work, num_memory: int, hmm_seed: int, task_seed: int, hmm_kind: str,
+                  method: str) -> dict:
+    """The attention head over per-position outputs, or the linear head on G_0, on one pretrained model."""
+    from simulate.wei2021.tuning import attention_tuning, head_tuning
+
+    cfg, tcfg = env.cfg, env.cfg.tuning_config()
+    _, _, tr, va, te = _exp2_data(cfg, num_memory, hmm_seed, task_seed, hmm_kind)
+    model = _model(env, _exp2_hmms(cfg, num_memory, hmm_seed)[hmm_kind], False)
+    t1 = time.perf_counter()
+    if method == "attention":
+        r = attention_tuning(model, tr, va, te, tcfg, seed=_data_seed(hmm_seed, task_seed, "attention"),
+                             device=env.device)
+    else:
+        r = {k: v for k, v in head_tuning(model, tr, va, te, tcfg, env.device).items()
+             if k in ("train_accuracy", "val_accuracy", "test_accuracy", "l2")}
+    r["seconds"] = round(time.perf_counter() - t1, 2)
+    return r
+
+
+_UNITS = {"pretrain": _pretrain_unit, "oracle-exp1": _oracle1_unit, "tuning-exp1": _tuning1_unit,
+          "oracle-exp2": _oracle2_unit, "tuning-exp2": _tuning2_unit}
+
+
+def _curve_rows(pretrained: dict, causal: bool, extra: dict) -> list[dict]:
+    """The TV curve of a pretrained model (the result of its unit), one row per evaluation."""
+    keep = {"num_parameters": pretrained["num_parameters"], **extra, "model": "causal" if causal else "mlm"}
+    return [{**keep, **row} for row in pretrained["curve"]]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Experiment 1
 # ---------------------------------------------------------------------------------------------------------
 
 
 def run_exp1(cfg: Exp1Config, ctx: RunContext) -> dict:
     """Run experiment 1 (see the module docstring); returns the summary with a headline."""
-    with _threads(ctx):
+    with _threads(ctx.device):
         return _run_exp1(cfg, ctx)
 
 
+_EXP1_EXACT = ("head_oracle", "head_certificate", "prompt_oracle_identity", "prompt_oracle_reversal",
+               "prompt_oracle_token", "prompt_certificate")
+
+
 def _run_exp1(cfg: Exp1Config, ctx: RunContext) -> dict:
+    """Gather experiment 1's units (those of :func:`plan_exp1`, computed here if no executor did) into tables."""
     from ftsim.core.progress import bar
-    from simulate.wei2021.oracles import downstream_data, exact_exp1_oracles, wei2021_task
-    from simulate.wei2021.pretrain import HMMSpec
-    from simulate.wei2021.tuning import head_tuning, prompt_tuning
 
     t0 = time.perf_counter()
-    models = _Models(cfg, ctx)
-    tcfg = cfg.tuning_config()
+    env = _Env.of(cfg, ctx)
     results: list[dict] = []
     curves: list[dict] = []
     diags: list[dict] = []
     units = [(m, hs) for m in cfg.num_states for hs in cfg.hmm_seeds]
     for m, hs in bar(units, desc="wei2021-exp1 (m, hmm seed)", disable=not ctx.progress):
-        spec = HMMSpec.make("wei2021", hs, num_states=m, vocab_size=cfg.vocab_size)
-        variants = [False] + ([True] if m in cfg.causal_num_states else [])
-        for causal in variants:
-            curves.extend(models.curve_rows(spec, causal, {"num_states": m, "hmm_seed": hs}))
+        for causal in _variants(cfg, m):
+            pre = ctx.unit_of(_pretrain_spec(env, _exp1_hmm(cfg, m, hs), causal)).result
+            curves.extend(_curve_rows(pre, causal, {"num_states": m, "hmm_seed": hs}))
         for ts in cfg.task_seeds:
             base = {"num_states": m, "hmm_seed": hs, "task_seed": ts}
-            data = None
-
-            def get_data():
-                nonlocal data
-                if data is None:
-                    hmm, mu = wei2021_task(m, cfg.vocab_size, hs, ts, cfg.length, cfg.support_size)
-                    full = downstream_data(hmm, mu, cfg.num_train + cfg.num_val + cfg.num_test, cfg.length,
-                                           _data_seed(hs, ts, "downstream"))
-                    data = (hmm, mu, *_splits(full, cfg))
-                return data
-
-            def oracle(work):
-                hmm, mu, tr, _, te = get_data()
-                sub = tr.split((cfg.oracle_train,))[0]
-                return {**base, **exact_exp1_oracles(hmm, mu, sub, te, seed=ts, restarts=cfg.oracle_restarts,
-                                                     steps=cfg.oracle_steps), "mu": mu.tolist()}
-
-            rec = ctx.unit("wei2021.oracle-exp1", UNIT_VERSIONS["oracle-exp1"],
-                           _unit_inputs(cfg, num_states=m, hmm_seed=hs, task_seed=ts), oracle).result
+            rec = ctx.unit_of(_oracle1_spec(env, m, hs, ts)).result
             diags.append({k: v for k, v in rec.items() if k != "mu"})
-            for method in ("head_oracle", "head_certificate", "prompt_oracle_identity", "prompt_oracle_reversal",
-                           "prompt_oracle_token", "prompt_certificate"):
-                results.append({**base, "model": "exact", "method": method, "accuracy": rec[method]})
-            for causal in variants:
-                mname = "causal" if causal else "mlm"
-
-                def tune(work, causal=causal):
-                    hmm, mu, tr, va, te = get_data()
-                    model = models.get(spec, causal).model
-                    t1 = time.perf_counter()
-                    head = head_tuning(model, tr, va, te, tcfg, ctx.device)
-                    out = {"head": {k: head[k] for k in ("train_accuracy", "val_accuracy", "test_accuracy", "l2")}}
-                    out["head"]["seconds"] = round(time.perf_counter() - t1, 2)
-                    t1 = time.perf_counter()
-                    pr = prompt_tuning(model, tr, va, te, tcfg, seed=_data_seed(hs, ts, "prompt"), head_init=head,
-                                       device=ctx.device, progress=ctx.progress)
-                    out["prompt"] = {**pr, "seconds": round(time.perf_counter() - t1, 2)}
-                    return out
-
-                recs = ctx.unit("wei2021.tuning", UNIT_VERSIONS["tuning"],
-                                _unit_inputs(cfg, experiment=1, num_states=m, hmm_seed=hs, task_seed=ts,
-                                             model=mname, device=ctx.device), tune).result
-                for meth in ("head", "prompt"):
-                    r = recs[meth]
-                    results.append({**base, "model": mname, "method": meth, "accuracy": r["test_accuracy"],
-                                    "train_accuracy": r["train_accuracy"], "val_accuracy": r["val_accuracy"]})
-                if recs["prompt"].get("prompt_init") == "token":
-                    # The discrete start alone (best real token in the slot + its head): no gradient steps.
-                    results.append({**base, "model": mname, "method": "token_prompt",
-                                    "accuracy": recs["prompt"]["init_test_accuracy"],
-                                    "val_accuracy": recs["prompt"]["init_val_accuracy"],
-                                    "token": recs["prompt"]["init_token"]})
+            results.extend({**base, "model": "exact", "method": meth, "accuracy": rec[meth]} for meth in _EXP1_EXACT)
+            for causal in _variants(cfg, m):
+                recs = ctx.unit_of(_tuning1_spec(env, m, hs, ts, causal)).result
+                results.extend(_tuning1_rows(base, "causal" if causal else "mlm", recs))
     write_table(ctx.out_dir / "results", results)
     write_table(ctx.out_dir / "curves", curves)
     write_table(ctx.out_dir / "diagnostics", diags)
     means = _mean_table(results, "num_states", ("model", "method"))
     write_table(ctx.out_dir / "means", means)
+    diffs = _exp1_differences(cfg, results)
+    write_table(ctx.out_dir / "differences", diffs)
+    return _summary1(means, diffs, time.perf_counter() - t0)
+
+
+def _tuning1_rows(base: dict, mname: str, recs: dict) -> list[dict]:
+    """Result rows of one tuning unit: head, prompt, and the token start alone when prompts start from a token."""
+    rows = []
+    for meth in ("head", "prompt"):
+        r = recs[meth]
+        rows.append({**base, "model": mname, "method": meth, "accuracy": r["test_accuracy"],
+                     "train_accuracy": r["train_accuracy"], "val_accuracy": r["val_accuracy"]})
+    if recs["prompt"].get("prompt_init") == "token":
+        # The discrete start alone (best real token in the slot + its head): no gradient steps.
+        rows.append({**base, "model": mname, "method": "token_prompt", "accuracy": recs["prompt"]["init_test_accuracy"],
+                     "val_accuracy": recs["prompt"]["init_val_accuracy"], "token": recs["prompt"]["init_token"]})
+    return rows
+
+
+def _exp1_differences(cfg: Exp1Config, results: list[dict]) -> list[dict]:
+    """Paired prompt - head differences (MLM) per m, then pooled over the m <= n and the m > n regimes."""
     diffs = _paired_rows(results, "num_states", ("mlm",), "prompt", "head")
     for regime, keep in (("m<=n", lambda m: m <= cfg.vocab_size), ("m>n", lambda m: m > cfg.vocab_size)):
         pooled = [{**r, "num_states0": r["num_states"], "num_states": regime} for r in results
                   if keep(r["num_states"])]
         diffs += _paired_rows(pooled, "num_states", ("mlm",), "prompt", "head", pair=("num_states0", "hmm_seed",
                                                                                           "task_seed"))
-    write_table(ctx.out_dir / "differences", diffs)
-    return _summary1(means, diffs, time.perf_counter() - t0)
+    return diffs
 
 
 def _paired_rows(results: list[dict], x: str, models: tuple[str, ...], a: str, b: str,
@@ -404,88 +612,34 @@ def _summary1(means: list[dict], diffs: list[dict], seconds: float) -> dict:
 
 def run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
     """Run experiment 2 (see the module docstring); returns the summary with a headline."""
-    with _threads(ctx):
+    with _threads(ctx.device):
         return _run_exp2(cfg, ctx)
 
 
 def _run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
+    """Gather experiment 2's units (those of :func:`plan_exp2`, computed here if no executor did) into tables."""
     from ftsim.core.progress import bar
-    from simulate.wei2021.oracles import (
-        downstream_data,
-        memory_attention_oracle,
-        memory_task,
-        wei2021_task,
-    )
-    from simulate.wei2021.pretrain import HMMSpec
-    from simulate.wei2021.tuning import attention_tuning, head_tuning
-    from theory.wei2021 import head_oracle
 
     t0 = time.perf_counter()
-    models = _Models(cfg, ctx)
-    tcfg = cfg.tuning_config()
+    env = _Env.of(cfg, ctx)
     results: list[dict] = []
     curves: list[dict] = []
     units = [(N, hs) for N in cfg.num_memory for hs in cfg.hmm_seeds]
     for N, hs in bar(units, desc="wei2021-exp2 (N, hmm seed)", disable=not ctx.progress):
         total = N * cfg.num_syntax
-        specs = {
-            "memory": HMMSpec.make("memory", hs, num_memory=N, num_syntax=cfg.num_syntax, vocab_size=cfg.vocab_size),
-            "vanilla": HMMSpec.make("wei2021", hs, num_states=total, vocab_size=cfg.vocab_size),
-        }
-        for hmm_kind, spec in specs.items():
-            curves.extend(models.curve_rows(spec, False, {"total_states": total, "num_memory": N, "hmm": hmm_kind,
-                                                          "hmm_seed": hs}))
+        for hmm_kind, hmm in _exp2_hmms(cfg, N, hs).items():
+            pre = ctx.unit_of(_pretrain_spec(env, hmm, False)).result
+            curves.extend(_curve_rows(pre, False, {"total_states": total, "num_memory": N, "hmm": hmm_kind,
+                                                   "hmm_seed": hs}))
         for ts in cfg.task_seeds:
             base = {"total_states": total, "num_memory": N, "hmm_seed": hs, "task_seed": ts}
-            cached: dict[str, Any] = {}
-
-            def get_data(kind: str):
-                if kind not in cached:
-                    if kind == "memory":
-                        model, mu = memory_task(N, cfg.num_syntax, cfg.vocab_size, hs, ts, cfg.length, cfg.support_size)
-                    else:
-                        model, mu = wei2021_task(total, cfg.vocab_size, hs, ts, cfg.length, cfg.support_size)
-                    full = downstream_data(model, mu, cfg.num_train + cfg.num_val + cfg.num_test, cfg.length,
-                                           _data_seed(hs, ts, f"downstream-{kind}"))
-                    cached[kind] = (model, mu, *_splits(full, cfg))
-                return cached[kind]
-
-            def oracle(work):
-                model, mu, tr, _, te = get_data("memory")
-                sub = tr.split((cfg.oracle_train,))[0]
-                mem = memory_attention_oracle(model, sub, te, seed=ts, steps=cfg.attention_steps,
-                                              num_heads=cfg.attention_heads)
-                _, _, mem_linear = head_oracle(sub.G0, sub.labels, te.G0, te.labels)
-                vmodel, vmu, vtr, _, vte = get_data("vanilla")
-                vsub = vtr.split((cfg.oracle_train,))[0]
-                _, _, van = head_oracle(vsub.G0, vsub.labels, vte.G0, vte.labels)
-                return {**base, **mem, "memory_linear_oracle": mem_linear, "vanilla_head_oracle": van,
-                        "memory_label_balance": float(te.labels.mean()),
-                        "vanilla_label_balance": float(vte.labels.mean())}
-
-            rec = ctx.unit("wei2021.oracle-exp2", UNIT_VERSIONS["oracle-exp2"],
-                           _unit_inputs(cfg, num_memory=N, hmm_seed=hs, task_seed=ts), oracle).result
+            rec = ctx.unit_of(_oracle2_spec(env, N, hs, ts)).result
             for hmm_kind, method, key in (("memory", "attention", "memory_attention_oracle"),
                                           ("memory", "head", "memory_linear_oracle"),
                                           ("vanilla", "head", "vanilla_head_oracle")):
                 results.append({**base, "hmm": hmm_kind, "model": "exact", "method": method, "accuracy": rec[key]})
-            for hmm_kind, method in (("memory", "attention"), ("memory", "head"), ("vanilla", "head")):
-                def tune(work, hmm_kind=hmm_kind, method=method):
-                    _, _, tr, va, te = get_data(hmm_kind)
-                    model = models.get(specs[hmm_kind], False).model
-                    t1 = time.perf_counter()
-                    if method == "attention":
-                        r = attention_tuning(model, tr, va, te, tcfg, seed=_data_seed(hs, ts, "attention"),
-                                             device=ctx.device)
-                    else:
-                        r = {k: v for k, v in head_tuning(model, tr, va, te, tcfg, ctx.device).items()
-                             if k in ("train_accuracy", "val_accuracy", "test_accuracy", "l2")}
-                    r["seconds"] = round(time.perf_counter() - t1, 2)
-                    return r
-
-                r = ctx.unit("wei2021.tuning", UNIT_VERSIONS["tuning"],
-                             _unit_inputs(cfg, experiment=2, num_memory=N, hmm_seed=hs, task_seed=ts, hmm=hmm_kind,
-                                          method=method, device=ctx.device), tune).result
+            for hmm_kind, method in _EXP2_ARMS:
+                r = ctx.unit_of(_tuning2_spec(env, N, hs, ts, hmm_kind, method)).result
                 results.append({**base, "hmm": hmm_kind, "model": "mlm", "method": method,
                                 "accuracy": r["test_accuracy"], "train_accuracy": r["train_accuracy"],
                                 "val_accuracy": r["val_accuracy"]})
@@ -493,6 +647,11 @@ def _run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
     write_table(ctx.out_dir / "curves", curves)
     means = _mean_table(results, "total_states", ("hmm", "model", "method"))
     write_table(ctx.out_dir / "means", means)
+    return _summary2(results, means, ctx, time.perf_counter() - t0)
+
+
+def _summary2(results: list[dict], means: list[dict], ctx: RunContext, seconds: float) -> dict:
+    """The paired memory+attention - vanilla+linear difference (written as a table) and the headline."""
     from ftsim.core.tables import paired_difference
 
     learned = [{**r, "arm": f"{r['hmm']}-{r['method']}", "value": 100 * r["accuracy"]} for r in results
@@ -507,17 +666,17 @@ def _run_exp2(cfg: Exp2Config, ctx: RunContext) -> dict:
              for s in sorted({r['total_states'] for r in means})]
     pooled = (f"; memory+attn - vanilla+linear {st.mean:+.1f} [{st.ci_low:+.1f}, {st.ci_high:+.1f}] over {st.n} "
               f"pairs" if st.n > 1 else "")
-    return {"headline": "test acc % " + "; ".join(parts) + pooled, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"headline": "test acc % " + "; ".join(parts) + pooled, "seconds": round(seconds, 1)}
 
 
 EXP1 = Experiment(
     "wei2021-exp1", Exp1Config, EXP1_PRESETS, run_exp1, figures=("figures.wei2021:redraw",), verifier="wei2021",
-    reproduce=("quick", "paper"),
+    reproduce=("quick", "paper"), plan=plan_exp1,
     help="Wei, Xie & Ma 2021, experiment 1: prompt tuning vs head tuning on a frozen pretrained masked LM\n"
          "(and a causal variant) as the number of hidden states m grows, with the exact oracles\n"
          "(head oracle, prompt oracles, the theorems' certificates) on the same figure.")
 EXP2 = Experiment(
     "wei2021-exp2", Exp2Config, EXP2_PRESETS, run_exp2, figures=("figures.wei2021:redraw",), verifier="wei2021",
-    reproduce=("quick", "paper"),
+    reproduce=("quick", "paper"), plan=plan_exp2,
     help="Wei, Xie & Ma 2021, experiment 2: memory HMM + attention head over per-position outputs vs\n"
          "vanilla HMM + linear head on G_0, at equal numbers of hidden states, with exact oracles.")

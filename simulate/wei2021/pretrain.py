@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftsim.core.cache import UnitCache, unit_key
+from ftsim.core.cache import Unit, UnitCache, UnitKey, unit_key
 from ftsim.core.io import stable_hash
 from simulate.corpora import corpus_unit
 from simulate.corpus import CorpusSpec
@@ -32,7 +32,8 @@ from simulate.sampling import sample
 from simulate.wei2021.models import SmallTransformer, TransformerConfig, cosine_lr, mask_probs
 from theory.wei2021 import total_variation
 
-__all__ = ["HMMSpec", "PretrainConfig", "Pretrained", "pretrain", "heldout_set", "derive_seed", "UNIT_VERSION"]
+__all__ = ["HMMSpec", "PretrainConfig", "Pretrained", "pretrain", "pretrain_key", "train_unit", "load_pretrained",
+           "heldout_set", "derive_seed", "UNIT_VERSION"]
 
 UNIT_VERSION = 3  # bump when pretraining changes (2: the pre-cache checkpoints)
 
@@ -221,32 +222,65 @@ def pretrain(
         eval_length: T of the held-out inputs [slots, MASK, x_1..T] of the TV curve (default length - 1).
         overwrite: retrain even if the checkpoint is cached.
     """
+    key = pretrain_key(spec, length, cfg, max_len=max_len, eval_length=eval_length, device=device)
+    reused = not overwrite and cache.get(key) is not None
+    unit = cache.get_or_compute(key, lambda work: train_unit(work, spec, length, cfg, cache, max_len=max_len,
+                                                             eval_length=eval_length, device=device,
+                                                             progress=progress), overwrite=overwrite)
+    return load_pretrained(unit, spec, length, cfg, max_len=max_len, eval_length=eval_length, device=device,
+                           reused=reused)
+
+
+def _described(spec: HMMSpec, length: int, cfg: PretrainConfig, max_len: int | None,
+               eval_length: int | None) -> dict[str, Any]:
+    """What a pretraining run is a function of (the device aside), with the defaults of :func:`pretrain` filled."""
     max_len = length + cfg.prompt_slots if max_len is None else max_len
     eval_length = length - 1 if eval_length is None else eval_length
-    hmm = spec.build()
-    joint = hmm.as_hmm()
-    described = {"hmm": spec.describe(), "length": length, "max_len": max_len, "eval_length": eval_length,
-                 "cfg": dataclasses.asdict(cfg)}
-    init_key = stable_hash({"version": 2, **described})  # the seed of the initial weights derives from it
-    key = unit_key("wei2021.pretrain", UNIT_VERSION, {**described, "device": torch.device(device).type})
+    return {"hmm": spec.describe(), "length": length, "max_len": max_len, "eval_length": eval_length,
+            "cfg": dataclasses.asdict(cfg)}
+
+
+def pretrain_key(spec: HMMSpec, length: int, cfg: PretrainConfig, *, max_len: int | None = None,
+                 eval_length: int | None = None, device: str = "cpu") -> UnitKey:
+    """The cache key of the checkpoint unit of :func:`pretrain` (same arguments); no HMM is built."""
+    described = _described(spec, length, cfg, max_len, eval_length)
+    return unit_key("wei2021.pretrain", UNIT_VERSION, {**described, "device": torch.device(device).type})
+
+
+def _initial_model(vocab_size: int, cfg: PretrainConfig, described: dict[str, Any]) -> tuple[SmallTransformer, str]:
+    """The untrained model and the hash its seed derives from; the global RNG is left as it was."""
+    init_key = stable_hash({"version": 2, **described})
     # The initial weights are a function of the seed alone (before version 3 they were drawn from the global RNG
     # as whatever ran earlier in the process had left it, so a model depended on which units were cached).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init", init_key))
-        model = SmallTransformer(cfg.model_config(joint.vocab_size, max_len))
-    reused = not overwrite and cache.get(key) is not None
+        model = SmallTransformer(cfg.model_config(vocab_size, described["max_len"]))
+    return model, init_key
 
-    def compute(work):
-        meta = _train(model, spec, hmm, length, cfg, cache, eval_length, device, progress, init_key)
-        from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(work.path / "model.safetensors"))
-        return meta
+def train_unit(work, spec: HMMSpec, length: int, cfg: PretrainConfig, cache: UnitCache, *,
+               max_len: int | None = None, eval_length: int | None = None, device: str = "cpu",
+               progress: bool = False) -> dict:
+    """Compute the checkpoint unit of :func:`pretrain` into the cache's work directory ``work``: train, write
+    ``model.safetensors``; return the record (configs, TV curve, wall time). The corpus is a unit of ``cache``."""
+    from safetensors.torch import save_file
 
-    unit = cache.get_or_compute(key, compute, overwrite=overwrite)
-    if reused:
-        _load(unit.file("model.safetensors"), model)
+    described = _described(spec, length, cfg, max_len, eval_length)
+    hmm = spec.build()
+    model, init_key = _initial_model(hmm.as_hmm().vocab_size, cfg, described)
+    meta = _train(model, spec, hmm, length, cfg, cache, described["eval_length"], device, progress, init_key)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(work.path / "model.safetensors"))
+    return meta
+
+
+def load_pretrained(unit: Unit, spec: HMMSpec, length: int, cfg: PretrainConfig, *, max_len: int | None = None,
+                    eval_length: int | None = None, device: str = "cpu", reused: bool = True) -> Pretrained:
+    """The frozen model of a checkpoint unit (see :func:`pretrain_key`), on ``device``."""
+    described = _described(spec, length, cfg, max_len, eval_length)
+    hmm = spec.build()
+    model, _ = _initial_model(hmm.as_hmm().vocab_size, cfg, described)
+    _load(unit.file("model.safetensors"), model)
     model.to(device).eval().requires_grad_(False)
     return Pretrained(model, hmm, unit.result["curve"], unit.path, reused, float(unit.result["seconds"]))
 
