@@ -34,7 +34,7 @@ import numpy as np
 
 from ftsim.core.errors import InputError
 from ftsim.core.config import config_hash
-from ftsim.core.experiment import Experiment, RunContext, UnitSpec, loaded_once
+from ftsim.core.experiment import Experiment, RunContext, UnitMissing, UnitSpec, loaded_once
 from ftsim.core.io import atomic_write_text, stable_hash, write_json, write_table
 from ftsim.core.tables import aggregate, mean_std, markdown_table
 
@@ -700,11 +700,24 @@ def comparison_markdown(comp: list[dict]) -> str:
     return out
 
 
+def _gathered(ctx: RunContext, spec: UnitSpec):
+    """The unit, or None when the run only reads finished units (``--cached-only``) and this one is not: its rows
+    are left out of the tables."""
+    try:
+        return ctx.unit_of(spec)
+    except UnitMissing:
+        return None
+
+
 def _kernel_rows(task: Task, ctx: RunContext, methods: set[str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for spec in _kernel_specs(task, methods):
         use_prompt, names = spec.args["use_prompt"], tuple(spec.args["names"])
-        for nm, rec in kernels(task, ctx, use_prompt, names).items():
+        try:
+            got = kernels(task, ctx, use_prompt, names)
+        except UnitMissing:
+            continue
+        for nm, rec in got.items():
             out[f"{'prompt' if use_prompt else 'noprompt'}-{nm}"] = rec
     return out
 
@@ -736,8 +749,9 @@ def _run(cfg: MalladiConfig, ctx: RunContext) -> dict:
     union_labels = np.array([e.label for e in task.union.examples])
     checks: dict = {}
 
-    if "zero-shot" in methods:
-        z = ctx.unit_of(zero_shot_spec(task)).result
+    z = _gathered(ctx, zero_shot_spec(task)) if "zero-shot" in methods else None
+    if z is not None:
+        z = z.result
         seconds["zero_shot"] += z["seconds"]
         rows.append({**base, "seed": None, "method": "zero-shot", "metric": "accuracy", "value": _num(z["accuracy"]),
                      "n_test": len(test_labels)})
@@ -747,7 +761,9 @@ def _run(cfg: MalladiConfig, ctx: RunContext) -> dict:
     for seed in cfg.seeds:
         for method in ("sgd", "adam", "noprompt"):
             if f"ft-{method}" in methods:
-                ft_records[(method, seed)] = ctx.unit_of(finetune_spec(task, method, seed, k0_inline)).result
+                unit = _gathered(ctx, finetune_spec(task, method, seed, k0_inline))
+                if unit is not None:
+                    ft_records[(method, seed)] = unit.result
 
     kern = _kernel_rows(task, ctx, methods)
     for k in kern.values():
@@ -785,7 +801,8 @@ def _run(cfg: MalladiConfig, ctx: RunContext) -> dict:
         k0 = None
         if "kernel_ft" in diag and "kernel_distance" not in diag and _union_engine_differs(cfg):
             # K(theta_0) with the diagnostics' engine (same algorithm, sketch and hashes as K(theta_FT))
-            k0 = ctx.unit_of(diag_kernel0_spec(task, seed, diag["diag_train_positions"])).array("kernel")
+            unit = _gathered(ctx, diag_kernel0_spec(task, seed, diag["diag_train_positions"]))
+            k0 = None if unit is None else unit.array("kernel")
         elif "kernel_ft" in diag and "kernel_distance" not in diag and "prompt-sgd" in kern:
             c = kern["prompt-sgd"]["num_outputs"]
             rows_u = [task.union.train_rows[seed][i] for i in diag["diag_train_positions"]]
@@ -813,7 +830,8 @@ def _run(cfg: MalladiConfig, ctx: RunContext) -> dict:
     parts = [f"{m} {mean_std(acc[m], 100, 1)}" for m in METHOD_ORDER if m in acc]
     return {
         "headline": f"{task.spec.name} k={cfg.k} {cfg.model} ({len(cfg.seeds)} seeds, {len(test_labels)} test; "
-                    f"accuracy % mean (sample std)): " + ", ".join(parts),
+                    f"accuracy % mean (sample std)): " + ", ".join(parts)
+                    + (f" [partial: {len(ctx.units_missing)} units not computed yet]" if ctx.units_missing else ""),
         "task": task.spec.name, "model": task.lm.describe(), "k": cfg.k, "seeds": list(cfg.seeds),
         "test_size": len(test_labels), "kernel_union_size": len(task.union.examples),
         "label_tokens": None if task.label_tokens is None else task.label_tokens.record(),

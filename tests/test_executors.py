@@ -202,3 +202,33 @@ def test_every_registered_experiment_plans_its_units():
     from ftsim.app.registry import EXPERIMENTS, experiment
 
     assert [name for name in EXPERIMENTS if experiment(name).plan is None] == []
+
+
+@pytest.mark.slow
+def test_cached_only_builds_tables_from_finished_units_and_computes_nothing(tmp_path, monkeypatch, task_dir,
+                                                                          capsys):
+    """A sweep cut short (here: its kernel units deleted) still gives tables of what finished; nothing is computed.
+    An experiment that needs every unit refuses, naming the missing unit."""
+    import shutil
+
+    from ftsim.core.io import read_jsonl
+    from tests.test_real_malladi import TINY
+
+    monkeypatch.delenv("FTSIM_CACHE", raising=False)
+    args = ["run", "malladi", "--preset", "quick", "--model", "tiny-causal", "--data-dir", str(task_dir), *TINY,
+            "--threads", "1", "--methods", "zero-shot,ft-sgd,k-sgd", "--out", str(tmp_path)]
+    assert main(args) == 0
+    kernels = tmp_path / "cache" / "units" / "malladi.kernels"
+    assert any(kernels.glob("*/*/record.json"))
+    shutil.rmtree(kernels)
+    capsys.readouterr()
+    assert main([*args, "--cached-only"]) == 0
+    assert not kernels.exists()  # nothing was computed
+    run_dir = next((tmp_path / "malladi").glob("*/summary.json")).parent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [u["kind"] for u in summary["units_missing"]] == ["malladi.kernels"]
+    assert "partial: 1 units not computed yet" in summary["headline"]
+    methods = {r["method"] for r in read_jsonl(run_dir / "results.jsonl") if r["metric"] == "accuracy"}
+    assert methods == {"zero-shot", "FT-SGD"}  # K-SGD left out, the rest from the cache
+    assert main(["run", "ntk-width", *FLAGS, "--out", str(tmp_path / "nw"), "--cached-only"]) == 2
+    assert "ntk-width.net" in capsys.readouterr().err

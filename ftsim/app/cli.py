@@ -215,6 +215,8 @@ def _experiment_parser(exp) -> argparse.ArgumentParser:
     g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job")
     g.add_argument("--slurm-time", type=int, default=60, metavar="MIN", help="time limit per job, minutes")
     g.add_argument("--slurm-cpus", type=int, default=2, help="CPUs per job")
+    g.add_argument("--cached-only", action="store_true",
+                   help="compute nothing: tables from the units finished so far (malladi leaves the rest out)")
     g.add_argument("--dry-run", action="store_true",
                    help="print the units the run would compute (per kind, cached or not) and the estimated time")
     return p
@@ -259,9 +261,10 @@ def _cmd_run(args: argparse.Namespace, rest: list[str], run_parser: argparse.Arg
         print(json.dumps(dry_run(exp, config, device=device, cache=cache_for(ns.out)), indent=2))
         return 0
     out_dir, summary = run_experiment(exp, config, preset=ns.preset, root=ns.out, overwrite=ns.overwrite,
-                                      device=ns.device, progress=not ns.no_progress, executor=executor)
+                                      device=ns.device, progress=not ns.no_progress, executor=executor,
+                                      cached_only=ns.cached_only)
     print(f"results: {out_dir}")
-    for key in ("headline", "compute_seconds", "this_run_seconds", "units", "device"):
+    for key in ("headline", "compute_seconds", "this_run_seconds", "units", "units_missing", "device"):
         if key in summary:
             print(f"  {key}: {summary[key]}")
     for err in summary.get("figure_errors", []):

@@ -23,7 +23,7 @@ from ftsim.core.cache import UnitCache, unit_key
 from ftsim.core.claims import Claim, claims_markdown
 from ftsim.core.config import config_hash
 from ftsim.core.errors import InputError
-from ftsim.core.experiment import Experiment, RunContext, Verifier, resolve_device
+from ftsim.core.experiment import Experiment, RunContext, UnitMissing, Verifier, resolve_device
 from ftsim.core.io import atomic_write_text, results_root, write_json, write_table
 
 __all__ = ["cache_for", "run_dir_for", "run_experiment", "draw_figures", "run_verifier", "check_output_dir",
@@ -76,11 +76,16 @@ def draw_figures(experiment: Experiment, run_dir: Path) -> tuple[list[Path], lis
 
 def run_experiment(experiment: Experiment, config: Any, *, preset: str = "custom", root: Path | None = None,
                    cache: UnitCache | None = None, overwrite: bool = False, device: str = "auto",
-                   progress: bool = True, executor=None) -> tuple[Path, dict]:
+                   progress: bool = True, executor=None, cached_only: bool = False) -> tuple[Path, dict]:
     """Run ``experiment`` with ``config``; return its run directory and summary.
 
     With an ``executor`` (:class:`ftsim.app.executors.ExecutorConfig`) other than serial, the experiment's planned
-    units are computed there first (see :mod:`ftsim.app.executors`); the run then gathers them from the cache."""
+    units are computed there first (see :mod:`ftsim.app.executors`); the run then gathers them from the cache.
+    ``cached_only`` computes nothing: the tables are built from the units finished so far (a sweep still running,
+    or one cut short), for experiments whose run leaves out what is missing (``summary["units_missing"]``); others
+    stop with an error naming the first missing unit."""
+    if cached_only and (overwrite or (executor is not None and executor.name != "serial")):
+        raise InputError("--cached-only reads finished units: drop --overwrite and --executor", field="cached_only")
     if preset in experiment.presets and experiment.presets[preset] != config:
         preset = f"{preset}+custom"
     root = Path(root) if root is not None else results_root()
@@ -90,7 +95,8 @@ def run_experiment(experiment: Experiment, config: Any, *, preset: str = "custom
     created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _run_in(experiment, config, preset, out_dir, root, cache, overwrite, device, progress, executor)
+        return _run_in(experiment, config, preset, out_dir, root, cache, overwrite, device, progress, executor,
+                       cached_only)
     except (InputError, FileNotFoundError, NotADirectoryError, MemoryError):
         # bad input found by the run (a data file, a budget): leave no run directory behind
         if created and not (out_dir / "units.json").exists():
@@ -100,11 +106,12 @@ def run_experiment(experiment: Experiment, config: Any, *, preset: str = "custom
         raise
 
 
-def _run_in(experiment, config, preset, out_dir, root, cache, overwrite, device, progress, executor):
+def _run_in(experiment, config, preset, out_dir, root, cache, overwrite, device, progress, executor,
+            cached_only=False):
     write_json(out_dir / "config.json", {"experiment": experiment.name, "preset": preset, "config": config,
                                          "config_hash": config_hash(config), "ftsim_version": ftsim.__version__})
     ctx = RunContext(out_dir=out_dir, cache=cache or cache_for(root), overwrite=overwrite, device=device,
-                     progress=progress, preset=preset)
+                     progress=progress, preset=preset, cached_only=cached_only)
     t0 = time.perf_counter()
     fanned = None
     if executor is not None and executor.name != "serial":
@@ -126,7 +133,13 @@ def _run_in(experiment, config, preset, out_dir, root, cache, overwrite, device,
                 raise UnitsFailed(f"{len(fanned['failed'])} of {fanned['planned']} units failed (first: "
                                   f"{fanned['failed'][0]['label']}: {fanned['failed'][0]['error']}); "
                                   f"see `ftsim status {out_dir}`; a rerun computes only the missing units")
-    summary = dict(experiment.run(config, ctx))
+    try:
+        summary = dict(experiment.run(config, ctx))
+    except UnitMissing as exc:
+        raise InputError(f"{exc}; {experiment.name} needs every unit for its tables: run it without --cached-only",
+                         field="cached_only") from None
+    if ctx.units_missing:
+        summary["units_missing"] = ctx.units_missing
     if fanned is not None:
         summary["executor"] = fanned
     figures, errors = draw_figures(experiment, out_dir)

@@ -24,11 +24,20 @@ from typing import Any, Callable, Mapping, Sequence
 from ftsim.core.cache import Unit, UnitCache, unit_key
 from ftsim.core.claims import Claim
 
-__all__ = ["Experiment", "Verifier", "RunContext", "UnitSpec", "resolve_device", "DeviceError", "loaded_once"]
+__all__ = ["Experiment", "Verifier", "RunContext", "UnitSpec", "resolve_device", "DeviceError", "loaded_once",
+           "UnitMissing"]
 
 
 class DeviceError(ValueError):
     """A device was requested that this machine does not have."""
+
+
+class UnitMissing(LookupError):
+    """A unit a run asked for is not in the cache and the run may only read (``--cached-only``)."""
+
+    def __init__(self, kind: str, digest: str):
+        super().__init__(f"unit {kind} {digest[:12]} is not computed yet")
+        self.kind, self.digest = kind, digest
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -134,7 +143,9 @@ class RunContext:
     device: str = "cpu"
     progress: bool = True
     preset: str = "custom"
+    cached_only: bool = False  # read finished units only: a unit not in the cache raises UnitMissing
     units_used: list[dict] = dataclasses.field(default_factory=list)
+    units_missing: list[dict] = dataclasses.field(default_factory=list)
 
     def unit_of(self, spec: UnitSpec) -> Unit:
         """The unit of a :class:`UnitSpec` (computed here if no executor computed it already)."""
@@ -146,6 +157,15 @@ class RunContext:
         (see :meth:`ftsim.core.cache.UnitCache.get_or_compute`). ``--overwrite`` recomputes the units of this run
         once (a unit asked for twice in one run is computed the first time only)."""
         key = unit_key(kind, version, inputs)
+        if self.cached_only:
+            found = self.cache.get(key)
+            if found is None:
+                if key.digest not in {u["digest"] for u in self.units_missing}:
+                    self.units_missing.append({"kind": kind, "digest": key.digest})
+                raise UnitMissing(kind, key.digest)
+            self.units_used.append({"kind": kind, "digest": key.digest, "seconds": found.seconds,
+                                    "read_seconds": 0.0})
+            return found
         fresh = self.overwrite and key.digest not in {u["digest"] for u in self.units_used}
         t0 = time.perf_counter()
         unit = self.cache.get_or_compute(key, compute, overwrite=fresh, cost=cost)
