@@ -190,6 +190,8 @@ def _malladi_diagnostics() -> str:
                                          ("gain_recovered", "share of FT gain recovered by the linearised model", 1, 2),
                                          ("lin_output_rel_error", "||f_lin - f_FT|| / ||f_FT - f_0|| (test)", 1, 3),
                                          ("kernel_rel_change", "eNTK movement ||K_FT - K_0||_F / ||K_0||_F", 1, 3)):
+        if not any(r["metric"] == metric for r in rows):
+            continue  # not measured in any stored run (e.g. a kernel that was not computed)
         table = _pivot(rows, metric, ("FT-SGD", "FT-Adam"), scale, digits)
         out.append(f"{label}:\n\n{table}")
     return "\n".join(out)
