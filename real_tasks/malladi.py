@@ -370,7 +370,7 @@ def _finetune_cost(task: Task, method: str, seed: int, k0_inline: bool) -> dict:
     flops += forward_flops(basis, _tokens(task, task.test_set(use_prompt), use_prompt))
     optimizer = {"sgd": "sgd", "adam": "adam", "noprompt": cfg.noprompt_optimizer}[method]
     grid = len(cfg.batch_sizes) * len(lrs)
-    longest = int(train.lengths.max()) * (task.spec.num_labels if use_prompt and cfg.label_mode == "sum" else 1)
+    longest = _tokens(task, train, use_prompt, [int(train.lengths.argmax())])
     memory = training_bytes(basis, optimizer=optimizer, batch_tokens=max(cfg.batch_sizes) * longest,
                             snapshots=int(grid > 1))
     if cfg.diagnostics and use_prompt:

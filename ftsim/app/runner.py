@@ -266,11 +266,11 @@ def dry_run(experiment: Experiment, config: Any, *, device: str, cache: UnitCach
         by_kind.setdefault(s.kind, []).append(s)
     dev = device.split(":")[0]
     measured = {kind: _measured(cache, kind) for kind in by_kind}
-    everything = [m for ms in measured.values() for m in ms]
+    any_kind = _rate([m for ms in measured.values() for m in ms], dev)  # one machine's effective speed
     kinds = {}
     for kind, ss in by_kind.items():
         cached = [(cache.path_of(s.key) / "record.json").is_file() for s in ss]
-        kinds[kind] = _estimate_kind(ss, cached, measured[kind], _rate(everything, dev), dev)
+        kinds[kind] = _estimate_kind(ss, cached, measured[kind], any_kind, dev)
     total = [k["estimated_seconds"] for k in kinds.values()]
     return {"experiment": experiment.name, "units": len(specs), "device": device, "kinds": kinds,
             "estimated_seconds": None if any(t is None for t in total) else round(sum(total), 1)}
